@@ -1,0 +1,49 @@
+"""Shared timing and memory helpers for the benchmarks (not part of the library)."""
+
+import os
+import time
+
+import torch
+
+
+def best_ms(fn, repeat=7, warmup=2):
+    """Best wall time of ``fn()`` in milliseconds (min over repeats: the least noisy estimate)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_extra_mib(fn):
+    """Peak resident memory above the starting point while ``fn()`` runs, in MiB (Linux).
+
+    Writing 5 to /proc/self/clear_refs resets the kernel's peak-RSS counter (VmHWM).
+    Returns None where that is not available.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+        out = fn()
+        peak = _status_kib("VmHWM")
+        del out
+        return (peak - before) / 1024
+    except (OSError, KeyError):
+        return None
+
+
+def header(title):
+    print(f"\n== {title} ==")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores")

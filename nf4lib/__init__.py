@@ -1,0 +1,23 @@
+"""nf4lib: functional 4-bit NormalFloat (NF4) quantization on PyTorch primitives."""
+
+from ._codebooks import fp4_levels, int4_levels, nf4_levels, normal_float_levels
+from ._double import double_dequantize, double_quantize, dynamic_map
+from ._quant import bits_per_parameter, dequantize, quantize
+from ._records import DoubleQuantized, QuantizedTensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "nf4_levels",
+    "normal_float_levels",
+    "fp4_levels",
+    "int4_levels",
+    "dynamic_map",
+    "QuantizedTensor",
+    "DoubleQuantized",
+    "quantize",
+    "dequantize",
+    "double_quantize",
+    "double_dequantize",
+    "bits_per_parameter",
+]

@@ -1,0 +1,267 @@
+"""Layer 2: blockwise 4-bit quantize / dequantize, the bitsandbytes layout.
+
+For element ``i`` of the row-major flattened tensor, block ``b = i // blocksize``:
+
+    ``absmax[b] = max |x[block b]|``
+    ``q[i] = nearest level to x[i] * (1 / absmax[b])`` (a tie goes to the lower level)
+    ``w[i] ~= code[q[i]] * absmax[b]``, computed in float32, then cast
+
+Codes are packed two per byte, the even element in the high nibble. These rules,
+including bitsandbytes' float32 reciprocal for full blocks and division for the
+partial last block, make the bytes equal bitsandbytes' ``quantize_4bit``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _compiled
+from ._codebooks import CODE_NAMES, build_search_tables, named_code, named_thresholds, named_to_storage, resolve_code
+from ._double import double_dequantize, double_quantize
+from ._records import DoubleQuantized, QuantizedTensor
+
+__all__ = ["quantize", "dequantize", "bits_per_parameter", "check_blocksize"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Eager work is done this many elements at a time, so temporaries stay small
+# (quantize's extra peak memory stays under the input's size).
+_CHUNK = 1 << 20
+# Above this size the fused, compiled kernels pay for their one-off compile.
+_COMPILE_MIN = 1 << 21
+
+
+def check_blocksize(blocksize) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise ValueError(f"blocksize must be an int power of two in [16, 65536], got {blocksize!r}")
+    if blocksize < 16 or blocksize > 65536 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two in [16, 65536], got {blocksize}")
+    return blocksize
+
+
+def _check_input(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"quantize expects a float32, float16 or bfloat16 tensor, got {x.dtype}")
+
+
+def _transforms_active() -> bool:
+    """True under torch.compile tracing or a torch.func transform (vmap, grad)."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
+def _raise_not_finite(flat: torch.Tensor, blocksize: int) -> None:
+    bad = ~torch.isfinite(flat)
+    count = int(bad.sum())
+    first = int(bad.nonzero()[0, 0])
+    raise ValueError(
+        f"quantize: input has {count} NaN/Inf value(s); the first is element {first} "
+        f"(block {first // blocksize} at blocksize {blocksize})"
+    )
+
+
+def _quantize_rows(rows: torch.Tensor, thresholds: torch.Tensor, to_storage, identity: bool):
+    """Quantize full blocks: ``rows`` (n_blocks, blocksize) any float dtype -> (packed, absmax)."""
+    rows = rows.float()
+    absmax = rows.abs().amax(dim=1)
+    scaled = (rows * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
+    q = torch.bucketize(scaled, thresholds, out_int32=True)
+    if not identity:
+        q = to_storage[q]
+    q = q.reshape(-1, 2)
+    return ((q[:, 0] << 4) | q[:, 1]).to(torch.uint8), absmax
+
+
+def _quantize_tail(tail: torch.Tensor, thresholds, to_storage, identity: bool):
+    """The partial last block: bitsandbytes divides here, clamps absmax at 1e-38, and pads one 0."""
+    tail = tail.float()
+    am = tail.abs().amax().clamp(min=1e-38)
+    scaled = (tail / am).clamp(-1, 1)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = torch.bucketize(scaled, thresholds, out_int32=True)
+    if not identity:
+        q = to_storage[q]
+    q = q.reshape(-1, 2)
+    return ((q[:, 0] << 4) | q[:, 1]).to(torch.uint8), am.reshape(1)
+
+
+def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: bool = False) -> QuantizedTensor:
+    """Quantize a float tensor to 4 bits, blockwise, in bitsandbytes' layout.
+
+    Args:
+        x: float32, float16 or bfloat16 tensor of any shape (empty too). Not modified.
+        blocksize: elements per absmax block, a power of two in [16, 65536].
+        code: ``"nf4"`` (default), ``"fp4"``, ``"int4"`` or a sorted 1-D tensor of at
+            most 16 levels in [-1, 1].
+        double_quant: also quantize the absmax vector to 8 bits (QLoRA).
+
+    Returns:
+        A :class:`QuantizedTensor`; ``packed`` is uint8 ``(ceil(numel/2),)``.
+
+    Raises:
+        TypeError: ``x`` is not a float tensor.
+        ValueError: NaN/Inf in ``x`` (with the count and first block), a bad blocksize
+            or codebook.
+
+    Example:
+        >>> q = quantize(torch.randn(4096, 4096, dtype=torch.bfloat16))
+        >>> w = dequantize(q)  # bf16, same shape; |w - x| is at most half a level gap * absmax
+    """
+    _check_input(x)
+    check_blocksize(blocksize)
+    if isinstance(code, str):
+        name = code.lower()
+        if name not in CODE_NAMES:
+            raise ValueError(f"unknown code {code!r}; expected one of {CODE_NAMES} or a tensor")
+        levels, thresholds, to_storage = named_code(name), named_thresholds(name), named_to_storage(name)
+        identity = name != "fp4"
+    else:
+        levels = code.detach().to(torch.float32) if _transforms_active() else resolve_code(code)
+        thresholds, to_storage = build_search_tables(levels)
+        identity = False  # a gather through to_storage is right for any order
+    device = x.device
+    thresholds, to_storage = thresholds.to(device), to_storage.to(device)
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    full = n - n % blocksize
+    packed_parts, absmax_parts = [], []
+    if full:
+        rows = flat[:full].view(-1, blocksize)
+        if n >= _COMPILE_MIN and not _transforms_active() and _compiled.enabled():
+            p, a = _compiled.quantize_rows(rows, thresholds, to_storage)
+            packed_parts.append(p)
+            absmax_parts.append(a)
+        else:
+            step = max(1, _CHUNK // blocksize)
+            for s in range(0, rows.shape[0], step):
+                p, a = _quantize_rows(rows[s : s + step], thresholds, to_storage, identity)
+                packed_parts.append(p)
+                absmax_parts.append(a)
+    if n > full:
+        p, a = _quantize_tail(flat[full:], thresholds, to_storage, identity)
+        packed_parts.append(p)
+        absmax_parts.append(a)
+    if packed_parts:
+        packed = packed_parts[0] if len(packed_parts) == 1 else torch.cat(packed_parts)
+        absmax = absmax_parts[0] if len(absmax_parts) == 1 else torch.cat(absmax_parts)
+    else:
+        packed = torch.empty(0, dtype=torch.uint8, device=device)
+        absmax = torch.empty(0, dtype=torch.float32, device=device)
+    # A NaN or Inf anywhere makes its block's absmax NaN or Inf: check the small vector.
+    if not _transforms_active() and not bool(torch.isfinite(absmax).all()):
+        _raise_not_finite(flat, blocksize)
+    stored = double_quantize(absmax) if double_quant else absmax
+    return QuantizedTensor(packed, stored, levels.to(device), tuple(x.shape), x.dtype, blocksize)
+
+
+def _absmax_f32(q: QuantizedTensor) -> torch.Tensor:
+    return double_dequantize(q.absmax) if isinstance(q.absmax, DoubleQuantized) else q.absmax
+
+
+def _validate(q: QuantizedTensor) -> None:
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"dequantize expects a QuantizedTensor, got {type(q).__name__}")
+    n, bs = q.numel, q.blocksize
+    if q.packed.dtype != torch.uint8 or q.packed.dim() != 1 or q.packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"packed must be uint8 of shape ({(n + 1) // 2},) for shape {q.shape}, "
+            f"got {q.packed.dtype} {tuple(q.packed.shape)}"
+        )
+    n_blocks = -(-n // bs)
+    am = q.absmax.codes if isinstance(q.absmax, DoubleQuantized) else q.absmax
+    if am.dim() != 1 or am.numel() != n_blocks:
+        raise ValueError(
+            f"absmax must have {n_blocks} entries for shape {q.shape} at blocksize {bs}, got {tuple(am.shape)}"
+        )
+    if isinstance(q.absmax, DoubleQuantized):
+        groups = -(-n_blocks // q.absmax.blocksize)
+        if q.absmax.scales.numel() != groups:
+            raise ValueError(f"double-quant scales must have {groups} entries, got {tuple(q.absmax.scales.shape)}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"QuantizedTensor.dtype must be fp32/fp16/bf16, got {q.dtype}")
+    if q.code.dim() != 1 or not 1 <= q.code.numel() <= 16:
+        raise ValueError(f"code must be 1-D with 1..16 levels, got shape {tuple(q.code.shape)}")
+
+
+def _dequantize_pure(packed, absmax, code, n: int, blocksize: int, dtype) -> torch.Tensor:
+    """Functional form (no out=, no loops): works under vmap and torch.compile."""
+    q = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1)[:n].long()
+    values = code[q]
+    full = n - n % blocksize
+    head = (values[:full].reshape(-1, blocksize) * absmax[: full // blocksize, None]).reshape(-1)
+    if full == n:
+        return head.to(dtype)
+    return torch.cat([head, values[full:] * absmax[-1]]).to(dtype)
+
+
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64 whose bytes are the float32 pair (code[b >> 4], code[b & 15])."""
+    c = torch.zeros(16, dtype=torch.float32, device=code.device)
+    c[: code.numel()] = code
+    return torch.stack([c.repeat_interleave(16), c.repeat(16)], dim=1).contiguous().view(torch.int64).view(-1)
+
+
+def _dequantize_chunked(packed, absmax, code, n: int, blocksize: int, dtype) -> torch.Tensor:
+    """Eager fast path: one 8-byte gather per byte into a 256-entry pair table, then
+    ``w = pair * absmax`` written straight into the output dtype, a chunk at a time."""
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    table = _pair_table(code)
+    full = n - n % blocksize
+    rows_out = out[:full].view(-1, blocksize)
+    rows_in = packed[: full // 2].view(-1, blocksize // 2)
+    scales = absmax[: full // blocksize, None]
+    step = max(1, _CHUNK // blocksize)
+    for s in range(0, rows_out.shape[0], step):
+        pairs = table.index_select(0, rows_in[s : s + step].reshape(-1).int())
+        vals = pairs.view(torch.float32).view(-1, blocksize)
+        torch.mul(vals, scales[s : s + step], out=rows_out[s : s + step])
+    if full < n:
+        pairs = table.index_select(0, packed[full // 2 :].int()).view(torch.float32)[: n - full]
+        torch.mul(pairs, absmax[-1], out=out[full:])
+    return out
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rebuild the tensor: ``w[i] = code[q[i]] * absmax[i // blocksize]`` in float32, then cast.
+
+    Args:
+        q: a :class:`QuantizedTensor` (plain or double-quantized).
+        dtype: output dtype; default the original ``q.dtype``.
+
+    Returns:
+        Tensor of shape ``q.shape``, equal to bitsandbytes ``dequantize_4bit`` bit for bit.
+
+    Raises:
+        ValueError: ``packed`` / ``absmax`` do not fit ``shape`` and ``blocksize``.
+    """
+    if not _transforms_active():
+        _validate(q)
+    dtype = q.dtype if dtype is None else dtype
+    n = q.numel
+    absmax = _absmax_f32(q)
+    code = q.code.to(torch.float32)
+    if n == 0:
+        return torch.empty(q.shape, dtype=dtype, device=q.packed.device)
+    if _transforms_active() or os.environ.get("NF4LIB_EAGER_REFERENCE") == "1":
+        out = _dequantize_pure(q.packed, absmax, code, n, q.blocksize, dtype)
+    else:
+        out = _dequantize_chunked(q.packed, absmax, code, n, q.blocksize, dtype)
+    return out.view(q.shape)
+
+
+def bits_per_parameter(q: QuantizedTensor) -> float:
+    """Stored bits per element: packed codes plus absmax (or its 8-bit codes, scales and
+    offset). The codebooks (16 and 256 floats, shared constants) are not counted.
+
+    4.5 at blocksize 64; 4.127 with double quantization (4 + 8/64 + 32/(64*256)).
+    """
+    n = max(q.numel, 1)
+    bits = q.packed.numel() * 8
+    if isinstance(q.absmax, DoubleQuantized):
+        bits += q.absmax.codes.numel() * 8 + q.absmax.scales.numel() * 32 + 32
+    else:
+        bits += q.absmax.numel() * 32
+    return bits / n

@@ -1,0 +1,1 @@
+"""Plain-numpy reference implementation of nf4lib's quantization: the test oracle."""
