@@ -47,3 +47,31 @@ def peak_extra_mib(fn):
 def header(title):
     print(f"\n== {title} ==")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores")
+
+
+def torchao_nf4():
+    """(to_nf4, linear_nf4) from whichever torchao layout is installed, or None."""
+    for mod in ("torchao.dtypes.nf4tensor", "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"):
+        try:
+            m = __import__(mod, fromlist=["to_nf4", "linear_nf4"])
+            return m.to_nf4, m.linear_nf4
+        except ImportError:
+            continue
+    return None
+
+
+def peak_extra_mib_isolated(lib):
+    """peak_extra_mib of one quantize call by ``lib``, measured in a fresh child process."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(
+        [sys.executable, os.path.join(here, "_mem_probe.py"), lib], env=env, cwd=here,
+        capture_output=True, text=True, check=False,
+    )
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None

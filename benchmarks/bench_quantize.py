@@ -10,7 +10,7 @@ import time
 import torch
 
 import nf4lib
-from _util import best_ms, header, peak_extra_mib
+from _util import best_ms, header, peak_extra_mib_isolated, torchao_nf4
 
 
 def main():
@@ -24,7 +24,7 @@ def main():
     q = nf4lib.quantize(w)  # first call compiles the fused kernel (one-off)
     cold = time.perf_counter() - start
     rows = []
-    rows.append(("nf4lib", best_ms(lambda: nf4lib.quantize(w)), best_ms(lambda: nf4lib.dequantize(q)), peak_extra_mib(lambda: nf4lib.quantize(w))))
+    rows.append(("nf4lib", best_ms(lambda: nf4lib.quantize(w)), best_ms(lambda: nf4lib.dequantize(q)), peak_extra_mib_isolated("nf4lib")))
 
     try:
         import bitsandbytes.functional as bnb_f
@@ -34,26 +34,26 @@ def main():
             "bitsandbytes",
             best_ms(lambda: bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4"), repeat=3),
             best_ms(lambda: bnb_f.dequantize_4bit(packed, state)),
-            peak_extra_mib(lambda: bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4")),
+            peak_extra_mib_isolated("bitsandbytes"),
         ))
     except ImportError:
         print("bitsandbytes not installed: skipped")
-    try:
-        from torchao.dtypes.nf4tensor import to_nf4
-
+    ao = torchao_nf4()
+    if ao is None:
+        print("torchao not installed: skipped")
+    else:
+        to_nf4 = ao[0]
         t = to_nf4(w, block_size=64, scaler_block_size=256)
         rows.append((
             "torchao",
             best_ms(lambda: to_nf4(w, block_size=64, scaler_block_size=256), repeat=3),
             best_ms(lambda: t.get_original_weight(), repeat=3),
-            peak_extra_mib(lambda: to_nf4(w, block_size=64, scaler_block_size=256)),
+            peak_extra_mib_isolated("torchao"),
         ))
-    except ImportError:
-        print("torchao not installed: skipped")
 
     base = {name: (qm, dm) for name, qm, dm, _ in rows}
     print(f"nf4lib cold first quantize (includes compiling the fused kernel): {cold:.1f} s")
-    print(f"input size {input_mib:.0f} MiB")
+    print(f"input size {input_mib:.0f} MiB (target: nf4lib's quantize peak extra memory <= this)")
     print(f"{'library':<14}{'quant ms':>10}{'Gelem/s':>9}{'dequant ms':>12}{'Gelem/s':>9}{'quant peak extra MiB':>22}")
     for name, qm, dm, mem in rows:
         mem_s = "n/a" if mem is None else f"{mem:.0f}"

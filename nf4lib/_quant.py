@@ -119,37 +119,44 @@ def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: 
         levels, thresholds, to_storage = named_code(name), named_thresholds(name), named_to_storage(name)
         identity = name != "fp4"
     else:
-        levels = code.detach().to(torch.float32) if _transforms_active() else resolve_code(code)
+        if _transforms_active():
+            levels = code.detach().to(torch.float32)
+            identity = False  # unvalidated: a gather through to_storage is right for any order
+        else:
+            levels = resolve_code(code)
+            identity = True  # validated sorted, so storage order is sorted order
         thresholds, to_storage = build_search_tables(levels)
-        identity = False  # a gather through to_storage is right for any order
     device = x.device
     thresholds, to_storage = thresholds.to(device), to_storage.to(device)
     flat = x.detach().reshape(-1)
     n = flat.numel()
     full = n - n % blocksize
+    # Eager: write each chunk's result into preallocated outputs (no concatenation copy,
+    # so extra peak memory is the outputs plus one chunk). Under transforms: concatenate.
+    in_place = not _transforms_active()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
     packed_parts, absmax_parts = [], []
-    if full:
-        rows = flat[:full].view(-1, blocksize)
-        if n >= _COMPILE_MIN and not _transforms_active() and _compiled.enabled():
-            p, a = _compiled.quantize_rows(rows, thresholds, to_storage)
+
+    def emit(p, a, row):
+        if in_place:
+            packed[row * blocksize // 2 : row * blocksize // 2 + p.numel()].copy_(p)
+            absmax[row : row + a.numel()].copy_(a)
+        else:
             packed_parts.append(p)
             absmax_parts.append(a)
-        else:
-            step = max(1, _CHUNK // blocksize)
-            for s in range(0, rows.shape[0], step):
-                p, a = _quantize_rows(rows[s : s + step], thresholds, to_storage, identity)
-                packed_parts.append(p)
-                absmax_parts.append(a)
+
+    if full:
+        rows = flat[:full].view(-1, blocksize)
+        fused = n >= _COMPILE_MIN and in_place and _compiled.enabled()
+        kernel = _compiled.quantize_rows if fused else _quantize_rows
+        step = max(1, (2 * _CHUNK if fused else _CHUNK) // blocksize)
+        for s in range(0, rows.shape[0], step):
+            emit(*kernel(rows[s : s + step], thresholds, to_storage, identity), s)
     if n > full:
-        p, a = _quantize_tail(flat[full:], thresholds, to_storage, identity)
-        packed_parts.append(p)
-        absmax_parts.append(a)
-    if packed_parts:
-        packed = packed_parts[0] if len(packed_parts) == 1 else torch.cat(packed_parts)
-        absmax = absmax_parts[0] if len(absmax_parts) == 1 else torch.cat(absmax_parts)
-    else:
-        packed = torch.empty(0, dtype=torch.uint8, device=device)
-        absmax = torch.empty(0, dtype=torch.float32, device=device)
+        emit(*_quantize_tail(flat[full:], thresholds, to_storage, identity), full // blocksize)
+    if not in_place and packed_parts:
+        packed, absmax = torch.cat(packed_parts), torch.cat(absmax_parts)
     # A NaN or Inf anywhere makes its block's absmax NaN or Inf: check the small vector.
     if not _transforms_active() and not bool(torch.isfinite(absmax).all()):
         _raise_not_finite(flat, blocksize)
