@@ -4,6 +4,8 @@ from ._codebooks import fp4_levels, int4_levels, nf4_levels, normal_float_levels
 from ._double import double_dequantize, double_quantize, dynamic_map
 from ._quant import bits_per_parameter, dequantize, quantize
 from ._records import DoubleQuantized, QuantizedTensor
+from ._ops import quantized_linear
+from . import backends as _backends  # noqa: F401  (registers the device kernels)
 
 __version__ = "0.1.0"
 
@@ -20,4 +22,5 @@ __all__ = [
     "double_quantize",
     "double_dequantize",
     "bits_per_parameter",
+    "quantized_linear",
 ]

@@ -22,7 +22,7 @@ from ._codebooks import CODE_NAMES, build_search_tables, named_code, named_thres
 from ._double import double_dequantize, double_quantize
 from ._records import DoubleQuantized, QuantizedTensor
 
-__all__ = ["quantize", "dequantize", "bits_per_parameter", "check_blocksize"]
+__all__ = ["quantize", "dequantize", "bits_per_parameter", "check_blocksize", "pair_table", "dequantize_blocks_into"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Eager work is done this many elements at a time, so temporaries stay small
@@ -204,27 +204,32 @@ def _dequantize_pure(packed, absmax, code, n: int, blocksize: int, dtype) -> tor
     return torch.cat([head, values[full:] * absmax[-1]]).to(dtype)
 
 
-def _pair_table(code: torch.Tensor) -> torch.Tensor:
-    """(256,) int64 whose bytes are the float32 pair (code[b >> 4], code[b & 15])."""
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64 whose 8 bytes are the float32 pair (code[b >> 4], code[b & 15])."""
     c = torch.zeros(16, dtype=torch.float32, device=code.device)
     c[: code.numel()] = code
     return torch.stack([c.repeat_interleave(16), c.repeat(16)], dim=1).contiguous().view(torch.int64).view(-1)
 
 
+def dequantize_blocks_into(out: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, table, blocksize: int) -> None:
+    """Write whole blocks: ``out`` (n,) any float dtype, n a multiple of blocksize.
+
+    One 8-byte gather per byte into the pair table, then ``w = pair * absmax`` computed in
+    float32 and written straight into ``out``'s dtype (the same rounding as a cast after).
+    """
+    pairs = table.index_select(0, packed.reshape(-1).int())
+    torch.mul(pairs.view(torch.float32).view(-1, blocksize), absmax[:, None], out=out.view(-1, blocksize))
+
+
 def _dequantize_chunked(packed, absmax, code, n: int, blocksize: int, dtype) -> torch.Tensor:
-    """Eager fast path: one 8-byte gather per byte into a 256-entry pair table, then
-    ``w = pair * absmax`` written straight into the output dtype, a chunk at a time."""
+    """Eager fast path: whole blocks a chunk at a time, then the partial last block."""
     out = torch.empty(n, dtype=dtype, device=packed.device)
-    table = _pair_table(code)
+    table = pair_table(code)
     full = n - n % blocksize
-    rows_out = out[:full].view(-1, blocksize)
-    rows_in = packed[: full // 2].view(-1, blocksize // 2)
-    scales = absmax[: full // blocksize, None]
-    step = max(1, _CHUNK // blocksize)
-    for s in range(0, rows_out.shape[0], step):
-        pairs = table.index_select(0, rows_in[s : s + step].reshape(-1).int())
-        vals = pairs.view(torch.float32).view(-1, blocksize)
-        torch.mul(vals, scales[s : s + step], out=rows_out[s : s + step])
+    step = max(1, _CHUNK // blocksize) * blocksize
+    for s in range(0, full, step):
+        e = min(s + step, full)
+        dequantize_blocks_into(out[s:e], packed[s // 2 : e // 2], absmax[s // blocksize : e // blocksize], table, blocksize)
     if full < n:
         pairs = table.index_select(0, packed[full // 2 :].int()).view(torch.float32)[: n - full]
         torch.mul(pairs, absmax[-1], out=out[full:])

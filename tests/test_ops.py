@@ -1,0 +1,228 @@
+"""Layers 3-4: the nf4lib::quantized_linear op, its kernels, autograd, vmap and compile."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nf4lib
+from nf4lib._ops import op_args
+from nf4lib.backends import cpu as cpu_kernel
+from nf4lib.backends import default, triton_kernels
+
+OP = torch.ops.nf4lib.quantized_linear.default
+TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def expected(x, q, bias):
+    return F.linear(x, nf4lib.dequantize(q).to(x.dtype), bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(), (1,), (5,), (2, 3)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_matches_dense_linear(dtype, lead, double_quant):
+    q = nf4lib.quantize(torch.randn(96, 128), double_quant=double_quant)
+    x = torch.randn(*lead, 128).to(dtype)
+    bias = torch.randn(96).to(dtype)
+    y = nf4lib.quantized_linear(x, q, bias)
+    assert y.shape == (*lead, 96) and y.dtype == dtype
+    assert rel_err(y, expected(x, q, bias)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("code", ["nf4", "fp4", "int4", "user"])
+def test_any_blocksize_and_codebook(blocksize, code):
+    c = torch.tensor([-1.0, -0.3, 0.0, 0.2, 1.0]) if code == "user" else code
+    q = nf4lib.quantize(torch.randn(64, 192), blocksize=blocksize, code=c)
+    x = torch.randn(7, 192)
+    assert rel_err(nf4lib.quantized_linear(x, q), expected(x, q, None)) <= 1e-5
+
+
+def test_partial_blocks_straddling_rows():
+    q = nf4lib.quantize(torch.randn(9, 50), blocksize=32)  # 450 elements: rows cut blocks
+    x = torch.randn(3, 50)
+    assert rel_err(nf4lib.quantized_linear(x, q), expected(x, q, None)) <= 1e-5
+
+
+@pytest.mark.parametrize("m", [1, 8, 64])
+def test_cpu_kernel_against_default_kernel(m, monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_TILE_ELEMS", 4096)  # force several tiles
+    q = nf4lib.quantize(torch.randn(300, 256), double_quant=True)
+    a = op_args(q)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(m, 256).to(dtype)
+        b = torch.randn(300).to(dtype)
+        y = cpu_kernel.forward(x, *a[:6], b, *a[6:])
+        r = default.forward(x, *a[:6], b, *a[6:])
+        assert rel_err(y, r) <= TOL[dtype]
+
+
+OPCHECK_CASES = [
+    ((4, 128), (64, 128), False, True, torch.float32),
+    ((2, 3, 128), (32, 128), True, False, torch.float32),
+    ((1, 64), (16, 64), False, False, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, dq, with_bias, dtype", OPCHECK_CASES)
+def test_opcheck(x_shape, w_shape, dq, with_bias, dtype):
+    q = nf4lib.quantize(torch.randn(w_shape), double_quant=dq)
+    x = torch.randn(x_shape, dtype=dtype, requires_grad=True)
+    bias = torch.randn(w_shape[0], dtype=dtype, requires_grad=True) if with_bias else None
+    a = op_args(q)
+    torch.library.opcheck(OP, (x, *a[:6], bias, *a[6:]))
+
+
+def test_fake_kernel_shapes_without_data():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q = nf4lib.quantize(torch.randn(48, 64))
+    mode = FakeTensorMode()
+    fake_q = torch.utils._pytree.tree_map(mode.from_tensor, q)
+    fake_x = mode.from_tensor(torch.empty(5, 7, 64))
+    with mode:
+        y = nf4lib.quantized_linear(fake_x, fake_q)
+    assert y.shape == (5, 7, 48)
+    y_meta = nf4lib.quantized_linear(torch.empty(3, 64, device="meta"), q.to("meta"))
+    assert y_meta.shape == (3, 48) and y_meta.device.type == "meta"
+
+
+def test_compile_fullgraph_no_graph_break():
+    q = nf4lib.quantize(torch.randn(64, 96), double_quant=True)
+    bias = torch.randn(64)
+
+    def f(x):
+        return torch.relu(nf4lib.quantized_linear(x, q, bias)) * 2
+
+    x = torch.randn(4, 96)
+    explanation = torch._dynamo.explain(f)(x)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(f, fullgraph=True)
+    assert rel_err(compiled(x), f(x)) <= 1e-6
+
+
+def test_autograd_matches_dense_and_weight_is_frozen():
+    w = torch.randn(40, 64)
+    q = nf4lib.quantize(w)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = nf4lib.quantized_linear(x, q, bias)
+    upstream = torch.randn_like(y)
+    gx, gb = torch.autograd.grad(y, (x, bias), upstream)
+    x2 = x.detach().clone().requires_grad_()
+    b2 = bias.detach().clone().requires_grad_()
+    gx2, gb2 = torch.autograd.grad(F.linear(x2, nf4lib.dequantize(q), b2), (x2, b2), upstream)
+    assert rel_err(gx, gx2) <= 1e-5 and rel_err(gb, gb2) <= 1e-5
+    # nothing of the weight's full size (40*64) is kept for backward
+    assert saved and max(saved) < 40 * 64
+    assert not q.packed.requires_grad
+
+
+def test_gradcheck_float64_input():
+    q = nf4lib.quantize(torch.randn(6, 32), blocksize=32)
+    x = torch.randn(2, 32, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: nf4lib.quantized_linear(x, q, b), (x, b))
+
+
+def test_vmap_over_inputs_and_over_weights():
+    q = nf4lib.quantize(torch.randn(32, 64))
+    xs = torch.randn(4, 3, 64)
+    ys = torch.func.vmap(lambda x: nf4lib.quantized_linear(x, q))(xs)
+    assert rel_err(ys, expected(xs, q, None)) <= 1e-5
+    ys1 = torch.func.vmap(lambda x: nf4lib.quantized_linear(x, q), in_dims=1)(xs)
+    assert rel_err(ys1, expected(xs.transpose(0, 1), q, None)) <= 1e-5
+    qs = torch.func.vmap(nf4lib.quantize)(torch.randn(3, 32, 64))
+    x = torch.randn(2, 64)
+    yw = torch.func.vmap(lambda qq: nf4lib.quantized_linear(x, qq))(qs)
+    for i in range(3):
+        qi = nf4lib.QuantizedTensor(qs.packed[i], qs.absmax[i], qs.code[i], (32, 64), torch.float32, 64)
+        assert rel_err(yw[i], expected(x, qi, None)) <= 1e-5
+
+
+# ---- bad input ---------------------------------------------------------------
+
+
+def test_bad_inputs():
+    q = nf4lib.quantize(torch.randn(16, 32))
+    with pytest.raises(ValueError, match=r"33.*in_features 32"):
+        nf4lib.quantized_linear(torch.randn(2, 33), q)
+    with pytest.raises(TypeError, match="int64"):
+        nf4lib.quantized_linear(torch.ones(2, 32, dtype=torch.long), q)
+    with pytest.raises(ValueError, match=r"bias.*\(15,\).*16"):
+        nf4lib.quantized_linear(torch.randn(2, 32), q, torch.randn(15))
+    with pytest.raises(ValueError, match="meta.*cpu"):
+        nf4lib.quantized_linear(torch.randn(2, 32, device="meta"), q)
+    with pytest.raises(TypeError, match="QuantizedTensor"):
+        nf4lib.quantized_linear(torch.randn(2, 32), torch.randn(16, 32))
+    with pytest.raises(ValueError, match="2-D"):
+        nf4lib.quantized_linear(torch.randn(2, 32), nf4lib.quantize(torch.randn(32)))
+
+
+# ---- device registrations and the Triton kernels -----------------------------
+
+
+def test_cuda_and_xpu_kernels_are_registered():
+    for key in ("CPU", "CUDA", "XPU"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("nf4lib::quantized_linear", key), key
+    from nf4lib.backends import cuda, xpu  # noqa: F401
+
+    assert "intel_extension_for_pytorch" not in sys.modules
+
+
+def test_xpu_and_cuda_fallback_without_triton(monkeypatch):
+    """Where Triton is missing the GPU kernels fall back to dequantize + matmul."""
+    monkeypatch.setattr(triton_kernels, "HAVE_TRITON", False)
+    q = nf4lib.quantize(torch.randn(24, 64), double_quant=True)
+    x = torch.randn(3, 64)
+    y = triton_kernels.forward(x, *op_args(q)[:6], None, *op_args(q)[6:])
+    assert rel_err(y, expected(x, q, None)) <= 1e-6
+
+
+_INTERPRETER_SCRIPT = r"""
+import json, torch, nf4lib
+from nf4lib._ops import op_args
+from nf4lib.backends import cpu, triton_kernels as tk
+assert tk.HAVE_TRITON
+torch.manual_seed(0)
+results = []
+cases = [(1, torch.float32, False, 64, "nf4"), (3, torch.bfloat16, True, 32, "nf4"), (8, torch.float16, False, 64, "fp4"),
+         (40, torch.float32, True, 64, "nf4"), (33, torch.bfloat16, False, 128, "int4"), (17, torch.float16, True, 32, "nf4")]
+for m, dtype, dq, bs, code in cases:
+    q = nf4lib.quantize(torch.randn(72, 160), blocksize=bs, code=code, double_quant=dq)
+    a = op_args(q)
+    x = torch.randn(m, 160).to(dtype)
+    b = torch.randn(72).to(dtype)
+    y = tk.forward(x, *a[:6], b, *a[6:])
+    r = cpu.forward(x, *a[:6], b, *a[6:])
+    results.append([m, str(dtype), ((y.float() - r.float()).norm() / r.float().norm()).item(), list(y.shape) == [m, 72], y.dtype == dtype])
+print(json.dumps(results))
+"""
+
+
+def test_triton_kernels_under_interpreter_match_cpu_kernel():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(results) == 6
+    for m, dtype, err, shape_ok, dtype_ok in results:
+        assert shape_ok and dtype_ok
+        assert err <= (1e-5 if dtype == "torch.float32" else 2e-2), (m, dtype, err)
