@@ -13,8 +13,6 @@ partial last block, make the bytes equal bitsandbytes' ``quantize_4bit``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import _compiled
@@ -257,7 +255,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     code = q.code.to(torch.float32)
     if n == 0:
         return torch.empty(q.shape, dtype=dtype, device=q.packed.device)
-    if _transforms_active() or os.environ.get("NF4LIB_EAGER_REFERENCE") == "1":
+    if _transforms_active():
         out = _dequantize_pure(q.packed, absmax, code, n, q.blocksize, dtype)
     else:
         out = _dequantize_chunked(q.packed, absmax, code, n, q.blocksize, dtype)
