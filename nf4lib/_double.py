@@ -87,10 +87,19 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> DoubleQuantiz
     return DoubleQuantized(codes, scales, offset, code, blocksize)
 
 
+def dequantize_parts(codes, scales, offset, code, blocksize: int) -> torch.Tensor:
+    """float32 absmax from the double-quant parts: ``code[codes] * scales[group] + offset``.
+
+    Takes the tensors loose so the ``quantized_linear`` op, whose schema carries them
+    separately, shares this one formula with :func:`double_dequantize`.
+    """
+    n = codes.numel()
+    pad = (-n) % blocksize
+    values = code[codes.long()]
+    scaled = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize) * scales[:, None]
+    return scaled.reshape(-1)[:n] + offset
+
+
 def double_dequantize(dq: DoubleQuantized) -> torch.Tensor:
     """float32 absmax from a :class:`DoubleQuantized`: ``code[codes] * scales[group] + offset``."""
-    n = dq.codes.numel()
-    pad = (-n) % dq.blocksize
-    values = dq.code[dq.codes.long()]
-    scaled = torch.nn.functional.pad(values, (0, pad)).view(-1, dq.blocksize) * dq.scales[:, None]
-    return scaled.reshape(-1)[:n] + dq.offset
+    return dequantize_parts(dq.codes, dq.scales, dq.offset, dq.code, dq.blocksize)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._double import dequantize_parts
 from ._records import DoubleQuantized, QuantizedTensor
 
 __all__ = ["quantized_linear"]
@@ -66,10 +67,7 @@ def _(x, packed, absmax, code, out_features, in_features, blocksize, bias, dq_sc
 def _absmax_f32(absmax, dq_scales, dq_offset, dq_code, dq_blocksize):
     if dq_scales is None:
         return absmax
-    n = absmax.numel()
-    pad = (-n) % dq_blocksize
-    values = torch.nn.functional.pad(dq_code[absmax.long()], (0, pad)).view(-1, dq_blocksize)
-    return (values * dq_scales[:, None]).reshape(-1)[:n] + dq_offset
+    return dequantize_parts(absmax, dq_scales, dq_offset, dq_code, dq_blocksize)
 
 
 def dequantized_weight(packed, absmax, code, out_features, in_features, blocksize, dq_scales, dq_offset, dq_code, dq_blocksize, dtype):
