@@ -5,6 +5,10 @@ from ._double import double_dequantize, double_quantize, dynamic_map
 from ._quant import bits_per_parameter, dequantize, quantize
 from ._records import DoubleQuantized, QuantizedTensor
 from ._ops import quantized_linear
+from ._interop import from_bnb, to_bnb
+from ._linear import NF4Linear
+from ._convert import convert
+from ._checkpoint import load_quantized, save_quantized
 from . import backends as _backends  # noqa: F401  (registers the device kernels)
 
 __version__ = "0.1.0"
@@ -23,4 +27,10 @@ __all__ = [
     "double_dequantize",
     "bits_per_parameter",
     "quantized_linear",
+    "NF4Linear",
+    "convert",
+    "from_bnb",
+    "to_bnb",
+    "save_quantized",
+    "load_quantized",
 ]

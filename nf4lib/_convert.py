@@ -1,0 +1,189 @@
+"""Layer 5: ``convert``, the tree transform that returns a model with NF4 linear layers."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from ._codebooks import resolve_code
+from ._linear import NF4Linear, check_compute_dtype
+from ._quant import check_blocksize
+
+__all__ = ["convert"]
+
+Exclude = Union[str, Callable[[nn.Module, str], bool], Iterable[Union[str, Callable[[nn.Module, str], bool]]]]
+
+# The default keeps the output head in full precision: quantizing it hurts token
+# prediction most. Held as a constant so the default never warns on models without one.
+DEFAULT_EXCLUDE = ("lm_head",)
+_PROGRESS_MIN_LAYERS = 32
+
+
+def _split_exclude(exclude) -> tuple[list[str], list[Callable]]:
+    if exclude is None:
+        return [], []
+    if isinstance(exclude, str) or callable(exclude):
+        exclude = [exclude]
+    try:
+        items = list(exclude)
+    except TypeError:
+        raise TypeError(f"exclude must be a name, a glob, a predicate or a sequence of them, got {exclude!r}") from None
+    patterns, predicates = [], []
+    for item in items:
+        if isinstance(item, str):
+            patterns.append(item)
+        elif callable(item):
+            predicates.append(item)
+        else:
+            raise TypeError(f"exclude entries must be str or callable (module, name) -> bool, got {item!r}")
+    return patterns, predicates
+
+
+def _matches(pattern: str, name: str) -> bool:
+    # A full dotted name, a last component ("lm_head"), or an fnmatch glob ("*.mlp.*").
+    return name == pattern or name.rsplit(".", 1)[-1] == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def convert(
+    model: nn.Module,
+    *,
+    exclude: Exclude = DEFAULT_EXCLUDE,
+    blocksize: int = 64,
+    code="nf4",
+    double_quant: bool = False,
+    compute_dtype: Optional[torch.dtype] = None,
+    progress: Optional[bool] = None,
+) -> nn.Module:
+    """Return a new model in which every ``nn.Linear`` not excluded is an :class:`NF4Linear`.
+
+    A tree transform: ``model`` is left as it was (its modules, parameters and values
+    unchanged). The new tree has its own module objects and its own ``Parameter``
+    objects, but **the tensors of layers that are not converted (embeddings, norms, the
+    excluded head) share storage with ``model``**: moving the new model (``.to()``) leaves
+    ``model`` where it was, but writing into those tensors in place (an optimizer step on a
+    norm, ``weight.data.mul_()``) shows in both. Layers are quantized one at a time, so the
+    peak memory is about the model, its 4-bit copy and one layer's temporaries.
+
+    Args:
+        model: any module (a bare ``nn.Linear`` too). On the meta device the result is an
+            empty skeleton for :func:`nf4lib.load_quantized` / ``load_state_dict(assign=True)``.
+        exclude: what stays full precision: module names (full dotted name, or a last
+            component like ``"lm_head"``), fnmatch globs (``"*.mlp.*"``), predicates
+            ``(module, name) -> bool``, or a sequence of these. Excluding a module excludes
+            everything under it. A name or glob that matches no module gives a warning
+            (the default, ``("lm_head",)``, does not).
+        blocksize, code, double_quant: as in :func:`nf4lib.quantize`.
+        compute_dtype: dtype of the matmul; ``None`` keeps each layer's own dtype.
+            fp32, fp16, bf16.
+        progress: show a tqdm bar; ``None`` shows one for 32 layers or more (on a terminal).
+
+    Returns:
+        The new model. A Linear whose weight is tied to a module that stays (say an
+        ``lm_head`` sharing the embedding) is kept as it is, with a warning, so the tie
+        holds; Linears sharing one weight share one quantized weight.
+
+    Example:
+        >>> qmodel = nf4lib.convert(model)                         # keeps lm_head
+        >>> qmodel = nf4lib.convert(model, exclude=["*.mlp.*", lambda m, n: m.out_features < 64])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    check_blocksize(blocksize)
+    resolve_code(code)  # fail before any work on a bad codebook
+    check_compute_dtype(compute_dtype)
+    warn_unmatched = exclude is not DEFAULT_EXCLUDE
+    patterns, predicates = _split_exclude(exclude)
+
+    # 1. Plan on the input: which Linear modules become NF4.
+    matched: set[str] = set()
+    excluded_ids: set[int] = set()
+    candidates: dict[int, tuple[str, nn.Linear]] = {}
+
+    def visit(module: nn.Module, name: str, excluded: bool) -> None:
+        if not excluded:
+            hits = [p for p in patterns if _matches(p, name)] if name else []
+            matched.update(hits)
+            excluded = bool(hits) or any(bool(pred(module, name)) for pred in predicates)
+        if excluded:
+            excluded_ids.add(id(module))
+        elif type(module) is not NF4Linear and isinstance(module, nn.Linear):
+            candidates.setdefault(id(module), (name, module))
+        for child_name, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{name}.{child_name}" if name else child_name, excluded)
+
+    visit(model, "", False)
+    if warn_unmatched:
+        for p in patterns:
+            if p not in matched:
+                warnings.warn(f"convert: exclude pattern {p!r} matched no module", stacklevel=2)
+    for mid in excluded_ids:
+        candidates.pop(mid, None)  # a module reached by two paths is excluded if either excludes it
+
+    # A weight that a staying module also uses (a tied lm_head / embedding) stays.
+    kept_params = {
+        id(p) for m in model.modules() if id(m) not in candidates for p in m._parameters.values() if p is not None
+    }
+    for mid, (name, lin) in list(candidates.items()):
+        if id(lin.weight) in kept_params:
+            warnings.warn(f"convert: {name!r} keeps full precision: its weight is tied to a layer that is not converted", stacklevel=2)
+            del candidates[mid]
+
+    # 2. Copy the tree, sharing tensors: fresh Parameter objects over the same storage.
+    memo: dict[int, object] = {}
+    for t in list(model.parameters()):
+        memo[id(t)] = nn.Parameter(t.data, requires_grad=t.requires_grad)
+    for t in list(model.buffers()):
+        memo[id(t)] = t
+    new_model = copy.deepcopy(model, memo)
+    copies = {id(memo[mid]): mid for mid in candidates if mid in memo}
+
+    # 3. Quantize layer by layer; a Linear that appears twice (or shares a weight) is done once.
+    items = list(candidates.items())
+    if progress is None and len(items) < _PROGRESS_MIN_LAYERS:
+        progress = False
+    bar = _progress(len(items), progress)
+    by_weight: dict[int, NF4Linear] = {}
+    converted: dict[int, NF4Linear] = {}
+    try:
+        for mid, (name, lin) in items:
+            twin = by_weight.get(id(lin.weight))
+            if twin is None:
+                layer = NF4Linear.from_linear(lin, blocksize=blocksize, code=code, double_quant=double_quant, compute_dtype=compute_dtype)
+                by_weight[id(lin.weight)] = layer
+            else:  # the same weight tensor: share the quantized buffers too
+                layer = NF4Linear.from_quantized(twin.quantized, lin.bias, compute_dtype=compute_dtype)
+            converted[mid] = layer
+            bar.update(1)
+    finally:
+        bar.close()
+
+    if id(model) in candidates:  # the model itself is a Linear
+        return converted[id(model)]
+    for parent in new_model.modules():
+        for child_name, child in parent._modules.items():
+            if child is not None and id(child) in copies:
+                parent._modules[child_name] = converted[copies[id(child)]]
+    return new_model
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, show):
+    if show is False or total == 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    # show=None: tqdm decides (a bar on a terminal, none in a log file).
+    return tqdm(total=total, desc="nf4lib.convert", unit="layer", disable=None if show is None else False)
