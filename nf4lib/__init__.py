@@ -9,6 +9,7 @@ from ._interop import from_bnb, to_bnb
 from ._linear import NF4Linear
 from ._convert import convert
 from ._checkpoint import load_quantized, save_quantized
+from . import analysis
 from . import backends as _backends  # noqa: F401  (registers the device kernels)
 
 __version__ = "0.1.0"
@@ -33,4 +34,5 @@ __all__ = [
     "to_bnb",
     "save_quantized",
     "load_quantized",
+    "analysis",
 ]

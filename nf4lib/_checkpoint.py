@@ -16,6 +16,8 @@ import tempfile
 import torch
 from torch import nn
 
+from ._stream import _chmod_like_new_file
+
 __all__ = ["save_quantized", "load_quantized"]
 
 _ALIASES = "nf4lib.aliases"
@@ -85,6 +87,7 @@ def save_quantized(model: nn.Module, path, *, metadata: dict[str, str] | None = 
     os.close(fd)
     try:
         save_file(to_write, tmp, metadata=meta)
+        _chmod_like_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -110,13 +110,13 @@ _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 
 def fp4_levels() -> torch.Tensor:
     """bitsandbytes' FP4 values in its code order (not sorted), float32, shape (16,)."""
-    mags = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32) / 12.0
+    mags = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32, device="cpu") / 12.0
     return torch.cat([mags, -mags])
 
 
 def int4_levels() -> torch.Tensor:
     """Symmetric absmax INT4: k/7 for k = -7..7, float32, shape (15,)."""
-    return torch.arange(-7, 8, dtype=torch.float32) / 7.0
+    return torch.arange(-7, 8, dtype=torch.float32, device="cpu") / 7.0
 
 
 def _check_user_code(code: torch.Tensor) -> torch.Tensor:

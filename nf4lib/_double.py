@@ -28,11 +28,11 @@ def _dynamic_map_cached() -> torch.Tensor:
     # plus 0 and 1: 127 + 127 + 2 = 256 values.
     values = [0.0, 1.0]
     for i in range(7):
-        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32, device="cpu")
         mids = (edges[:-1] + edges[1:]) / 2.0
         values += (mids * (10.0 ** (i - 6))).tolist()
         values += (mids * -(10.0 ** (i - 6))).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    return torch.tensor(sorted(values), dtype=torch.float32, device="cpu")
 
 
 def dynamic_map() -> torch.Tensor:

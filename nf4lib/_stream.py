@@ -1,0 +1,188 @@
+"""Layer 6: safetensors checkpoints tensor by tensor, for the command line.
+
+Reading memory-maps the file and takes one tensor at a time. Writing streams each
+tensor's bytes to a temporary file as it is produced, then writes the header and the
+data to a second temporary file that is renamed over the output: memory stays at about
+one tensor whatever the checkpoint's size, and an error or interruption never leaves a
+partial output file.
+
+A bare checkpoint does not say which tensors belong to linear layers. nf4lib takes a
+tensor for a linear weight when it is a 2-D fp32/fp16/bf16 tensor named ``*.weight``
+whose name does not look like an embedding (``embed``, ``wte``, ``wpe``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+import torch
+
+from ._convert import _matches
+
+__all__ = ["CheckpointError", "checkpoint_files", "read_header", "iter_tensors", "is_linear_weight", "StreamingWriter"]
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_EMBEDDING_HINTS = ("embed", "wte", "wpe")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message is one line for the user."""
+
+
+def checkpoint_files(path) -> list[str]:
+    """The safetensors files of ``path``: the file itself, or every ``*.safetensors`` in a
+    Hugging Face model directory (sharded checkpoints included), sorted."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors file in this directory")
+        return files
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    return [path]
+
+
+def read_header(path: str) -> tuple[dict, dict]:
+    """``({name: (dtype_str, shape)}, metadata)`` from a safetensors header, checking that
+    the file holds every byte the header promises."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    info, end = {}, 0
+    for name, entry in header.items():
+        try:
+            dtype, shape, (lo, hi) = entry["dtype"], [int(s) for s in entry["shape"]], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed header entry for {name!r}") from None
+        info[name] = (dtype, shape)
+        end = max(end, int(hi))
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated: the header needs {8 + n + end} bytes, the file has {size}")
+    return info, metadata
+
+
+def iter_tensors(files: list[str], names=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` one at a time (memory-mapped reads), in file then name order."""
+    from safetensors import safe_open
+
+    for path in files:
+        try:
+            f = safe_open(path, framework="pt", device="cpu")
+        except Exception as e:  # safetensors' own error types for a corrupt file
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        with f:
+            for name in sorted(f.keys()):
+                if names is None or name in names:
+                    try:
+                        yield name, f.get_tensor(name)
+                    except Exception as e:  # a corrupt or truncated data section
+                        raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
+
+
+def is_linear_weight(name: str, dtype: str, shape) -> bool:
+    """The module docstring's rule for spotting linear weights in a bare checkpoint."""
+    if not name.endswith(".weight") or len(shape) != 2 or dtype not in ("F32", "F16", "BF16"):
+        return False
+    return not any(h in name.lower() for h in _EMBEDDING_HINTS)
+
+
+def excluded(name: str, patterns) -> bool:
+    """Whether a weight's module (``name`` without ``.weight``) or any parent matches."""
+    module = name[: -len(".weight")] if name.endswith(".weight") else name
+    parts = module.split(".")
+    return any(_matches(p, ".".join(parts[: i + 1])) for p in patterns for i in range(len(parts)))
+
+
+def _chmod_like_new_file(path: str) -> None:
+    # mkstemp creates 0600; give the result the mode open() would have (0666 minus umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+class StreamingWriter:
+    """Write a safetensors file tensor by tensor; nothing appears at ``path`` until
+    :meth:`commit`. Use as a context manager: leaving it by an exception removes the
+    temporary files.
+
+    Example:
+        >>> with StreamingWriter("out.safetensors") as w:
+        ...     w.add("x", torch.zeros(3)); w.commit({"format": "pt"})
+    """
+
+    def __init__(self, path) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        folder = os.path.dirname(self.path)
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"{path}: the output directory {folder} does not exist")
+        stem = "." + os.path.basename(self.path) + ".nf4lib-"
+        fd, self._data_path = tempfile.mkstemp(prefix=stem, suffix=".data", dir=folder)
+        self._data = os.fdopen(fd, "wb")
+        self._final_path = None
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
+        self._committed = False
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self._entries:
+            raise CheckpointError(f"tensor name {name!r} written twice")
+        if t.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{name!r}: dtype {t.dtype} has no safetensors name")
+        t = t.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        self._data.write(raw.numpy().data)
+        n = raw.numel()
+        self._entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self._offset, self._offset + n]}
+        self._offset += n
+
+    def commit(self, metadata: dict[str, str]) -> None:
+        self._data.close()
+        header = {"__metadata__": dict(metadata), **self._entries}
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
+        fd, self._final_path = tempfile.mkstemp(prefix=os.path.basename(self._data_path), suffix=".out", dir=os.path.dirname(self.path))
+        with os.fdopen(fd, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(len(blob).to_bytes(8, "little"))
+            out.write(blob)
+            shutil.copyfileobj(data, out, 1 << 24)
+            out.flush()
+            os.fsync(out.fileno())
+        _chmod_like_new_file(self._final_path)
+        os.replace(self._final_path, self.path)
+        self._final_path = None
+        os.unlink(self._data_path)
+        self._committed = True
+
+    def abort(self) -> None:
+        self._data.close()
+        for p in (self._data_path, self._final_path):
+            if p and os.path.exists(p):
+                os.unlink(p)
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._committed:  # an exception, an interruption, or no commit: leave nothing
+            self.abort()

