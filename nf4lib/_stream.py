@@ -1,6 +1,6 @@
 """Layer 6: safetensors checkpoints tensor by tensor, for the command line.
 
-Reading memory-maps the file and takes one tensor at a time. Writing streams each
+Reading memory-maps the file and copies out one tensor at a time, dropping its pages after. Writing streams each
 tensor's bytes to a temporary file as it is produced, then writes the header and the
 data to a second temporary file that is renamed over the output: memory stays at about
 one tensor whatever the checkpoint's size, and an error or interruption never leaves a
@@ -14,6 +14,7 @@ whose name does not look like an embedding (``embed``, ``wte``, ``wpe``).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ _ST_DTYPES = {
 }
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
 _EMBEDDING_HINTS = ("embed", "wte", "wpe")
 
 
@@ -54,9 +56,9 @@ def checkpoint_files(path) -> list[str]:
     return [path]
 
 
-def read_header(path: str) -> tuple[dict, dict]:
-    """``({name: (dtype_str, shape)}, metadata)`` from a safetensors header, checking that
-    the file holds every byte the header promises."""
+def _parse_header(path: str) -> tuple[dict, dict, int]:
+    """``({name: (dtype, shape, (begin, end))}, metadata, data_start)``, checking that the
+    file holds every byte the header promises."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -73,31 +75,53 @@ def read_header(path: str) -> tuple[dict, dict]:
     for name, entry in header.items():
         try:
             dtype, shape, (lo, hi) = entry["dtype"], [int(s) for s in entry["shape"]], entry["data_offsets"]
+            lo, hi = int(lo), int(hi)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: malformed header entry for {name!r}") from None
-        info[name] = (dtype, shape)
-        end = max(end, int(hi))
+        numel = 1
+        for s in shape:
+            numel *= s
+        if dtype not in _FROM_ST or not 0 <= lo <= hi or hi - lo != numel * _ITEMSIZE[dtype]:
+            raise CheckpointError(f"{path}: malformed header entry for {name!r} ({dtype} {shape} at [{lo}, {hi}))")
+        info[name] = (dtype, shape, (lo, hi))
+        end = max(end, hi)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: the header needs {8 + n + end} bytes, the file has {size}")
-    return info, metadata
+    return info, metadata, 8 + n
+
+
+def read_header(path: str) -> tuple[dict, dict]:
+    """``({name: (dtype_str, shape)}, metadata)`` from a safetensors header (no tensor is read)."""
+    info, metadata, _ = _parse_header(path)
+    return {k: (dt, sh) for k, (dt, sh, _) in info.items()}, metadata
 
 
 def iter_tensors(files: list[str], names=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` one at a time (memory-mapped reads), in file then name order."""
-    from safetensors import safe_open
+    """Yield ``(name, tensor)`` one at a time, in file then storage order.
 
+    Each file is memory-mapped; a tensor is copied out of the mapping and its pages are
+    then dropped (``MADV_DONTNEED``), so resident memory stays at about one tensor
+    however large the checkpoint is.
+    """
+    page = mmap.PAGESIZE
     for path in files:
-        try:
-            f = safe_open(path, framework="pt", device="cpu")
-        except Exception as e:  # safetensors' own error types for a corrupt file
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        with f:
-            for name in sorted(f.keys()):
-                if names is None or name in names:
-                    try:
-                        yield name, f.get_tensor(name)
-                    except Exception as e:  # a corrupt or truncated data section
-                        raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
+        info, _, data_start = _parse_header(path)
+        wanted = sorted(((lo, hi, name, dt, sh) for name, (dt, sh, (lo, hi)) in info.items()
+                         if names is None or name in names))
+        if not wanted:
+            continue
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+            for lo, hi, name, dt, shape in wanted:
+                a, b = data_start + lo, data_start + hi
+                if a == b:
+                    t = torch.empty(shape, dtype=_FROM_ST[dt])
+                else:
+                    with memoryview(mm)[a:b] as region:
+                        t = torch.frombuffer(region, dtype=_FROM_ST[dt]).clone().reshape(shape)
+                    if hasattr(mm, "madvise"):
+                        start = a - a % page
+                        mm.madvise(mmap.MADV_DONTNEED, start, b - start)
+                yield name, t
 
 
 def is_linear_weight(name: str, dtype: str, shape) -> bool:
