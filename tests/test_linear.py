@@ -83,6 +83,19 @@ def test_compute_dtype_and_to_dtype_leave_the_4bit_data_alone(compute_dtype):
     assert layer.compute_dtype == torch.float32
 
 
+def test_to_device_moves_the_4bit_data_and_keeps_dtypes():
+    layer = nf4lib.NF4Linear.from_linear(_linear(), double_quant=True)
+    dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
+    moved = layer.to("meta")  # the only other device CI has; CUDA/XPU take the same path
+    assert all(t.is_meta for t in moved.buffers()) and moved.bias.is_meta
+    assert moved.compute_dtype == torch.float32
+    assert {k: b.dtype for k, b in moved.named_buffers()} == {
+        "weight": torch.uint8, "absmax": torch.uint8, "quant_map": torch.float32,
+        "nested_absmax": torch.float32, "nested_quant_map": torch.float32, "nested_offset": torch.float32,
+    }
+    assert dtypes["weight.absmax"] == torch.uint8
+
+
 def test_compute_dtype_from_constructor():
     layer = nf4lib.NF4Linear.from_linear(_linear(dtype=torch.bfloat16))
     assert layer.compute_dtype == torch.bfloat16 and layer.weight_dtype == torch.bfloat16
