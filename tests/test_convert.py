@@ -147,6 +147,17 @@ def test_shared_linear_is_converted_once():
     assert q2[0].weight.data_ptr() == q2[1].weight.data_ptr() and q2[0].absmax is q2[1].absmax
 
 
+def test_converted_model_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    q = nf4lib.convert(nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)), double_quant=True)
+    x = torch.randn(4, 64, requires_grad=True)
+    assert torch._dynamo.explain(q)(x).graph_break_count == 0
+    y = torch.compile(q, fullgraph=True)(x)
+    torch.testing.assert_close(y, q(x), rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
 def test_bare_linear_and_compute_dtype():
     q = nf4lib.convert(nn.Linear(64, 32), compute_dtype=torch.bfloat16)
     assert isinstance(q, nf4lib.NF4Linear) and q.compute_dtype == torch.bfloat16
