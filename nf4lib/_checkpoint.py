@@ -16,12 +16,18 @@ import tempfile
 import torch
 from torch import nn
 
-from ._stream import _chmod_like_new_file
 
 __all__ = ["save_quantized", "load_quantized"]
 
 _ALIASES = "nf4lib.aliases"
 _NON_PERSISTENT = "nf4lib.non_persistent"
+
+
+def _chmod_like_new_file(path: str) -> None:
+    # mkstemp creates 0600; give the result the mode open() would have (0666 minus umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:

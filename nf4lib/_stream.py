@@ -22,6 +22,7 @@ from typing import Iterator
 
 import torch
 
+from ._checkpoint import _chmod_like_new_file
 from ._convert import _matches
 
 __all__ = ["CheckpointError", "checkpoint_files", "read_header", "iter_tensors", "is_linear_weight", "StreamingWriter"]
@@ -136,13 +137,6 @@ def excluded(name: str, patterns) -> bool:
     module = name[: -len(".weight")] if name.endswith(".weight") else name
     parts = module.split(".")
     return any(_matches(p, ".".join(parts[: i + 1])) for p in patterns for i in range(len(parts)))
-
-
-def _chmod_like_new_file(path: str) -> None:
-    # mkstemp creates 0600; give the result the mode open() would have (0666 minus umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 class StreamingWriter:

@@ -35,6 +35,7 @@ __all__ = [
     "compare_codebooks",
     "compare_tensors",
     "compare_model",
+    "linear_weights",
     "summarize",
     "to_dataframe",
 ]
