@@ -6,7 +6,6 @@ converted model loads transformers + bitsandbytes 4-bit checkpoints and they loa
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -255,17 +254,5 @@ class NF4Linear(nn.Linear):
         if device.type == "meta":
             device = q.device  # a skeleton takes the checkpoint's tensors where they are
         # Copy (as load_state_dict does) unless assigning: the module never aliases the caller's tensors.
-        q = q.to(device) if assign else _copy_record(q, device)
-        self._set_record(q)
+        self._set_record(q.to(device, copy=not assign))
 
-
-def _copy_record(q: QuantizedTensor, device) -> QuantizedTensor:
-    def cp(t):
-        return t.to(device, copy=True)
-
-    absmax = q.absmax
-    if isinstance(absmax, DoubleQuantized):
-        absmax = dataclasses.replace(absmax, codes=cp(absmax.codes), scales=cp(absmax.scales), offset=cp(absmax.offset), code=cp(absmax.code))
-    else:
-        absmax = cp(absmax)
-    return dataclasses.replace(q, packed=cp(q.packed), absmax=absmax, code=cp(q.code))

@@ -35,14 +35,15 @@ class DoubleQuantized:
     code: torch.Tensor
     blocksize: int = 256
 
-    def to(self, device) -> "DoubleQuantized":
-        """A copy on ``device`` (the record itself is never changed)."""
+    def to(self, device, *, copy: bool = False) -> "DoubleQuantized":
+        """A record on ``device`` (this one is never changed); ``copy=True`` copies the
+        tensors even where they already are, as ``Tensor.to(copy=True)`` does."""
         return dataclasses.replace(
             self,
-            codes=self.codes.to(device),
-            scales=self.scales.to(device),
-            offset=self.offset.to(device),
-            code=self.code.to(device),
+            codes=self.codes.to(device, copy=copy),
+            scales=self.scales.to(device, copy=copy),
+            offset=self.offset.to(device, copy=copy),
+            code=self.code.to(device, copy=copy),
         )
 
 
@@ -90,10 +91,14 @@ class QuantizedTensor:
     def device(self) -> torch.device:
         return self.packed.device
 
-    def to(self, device) -> "QuantizedTensor":
-        """A copy with every tensor on ``device``."""
+    def to(self, device, *, copy: bool = False) -> "QuantizedTensor":
+        """A record with every tensor on ``device``; ``copy=True`` copies them even where
+        they already are, as ``Tensor.to(copy=True)`` does."""
         return dataclasses.replace(
-            self, packed=self.packed.to(device), absmax=self.absmax.to(device), code=self.code.to(device)
+            self,
+            packed=self.packed.to(device, copy=copy),
+            absmax=self.absmax.to(device, copy=copy),
+            code=self.code.to(device, copy=copy),
         )
 
 

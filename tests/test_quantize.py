@@ -193,6 +193,11 @@ def test_record_is_immutable_and_rebuildable():
     assert q2.dtype == torch.bfloat16 and q.dtype == torch.float32
     moved = q.to("cpu")
     assert torch.equal(moved.packed, q.packed) and moved.shape == (10, 10)
+    dq = nf4lib.quantize(torch.randn(10, 10), double_quant=True)
+    copied = dq.to("cpu", copy=True)
+    for a, b in ((copied.packed, dq.packed), (copied.absmax.codes, dq.absmax.codes), (copied.code, dq.code)):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    assert dq.to("cpu").packed.data_ptr() == dq.packed.data_ptr()  # no copy unless asked
     leaves, spec = torch.utils._pytree.tree_flatten(q)
     assert all(isinstance(t, torch.Tensor) for t in leaves)
     assert torch.utils._pytree.tree_unflatten(leaves, spec).shape == q.shape
