@@ -130,14 +130,15 @@ class NF4Linear(nn.Linear):
         if not isinstance(linear, nn.Linear) or isinstance(linear, NF4Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
+        # Built on meta (no buffers allocated), then given the quantized weight: a skeleton
+        # stays on meta, exactly as the constructor makes it.
         layer = cls(
             linear.in_features, linear.out_features, linear.bias is not None,
             blocksize=blocksize, code=code, double_quant=double_quant,
-            compute_dtype=compute_dtype, dtype=w.dtype, device=w.device,
+            compute_dtype=compute_dtype, dtype=w.dtype, device="meta",
         )
         if not w.is_meta:
-            q = quantize(w.detach(), blocksize=blocksize, code=code, double_quant=double_quant)
-            layer._set_record(q, code.lower() if isinstance(code, str) else None)
+            layer._set_record(quantize(w.detach(), blocksize=blocksize, code=code, double_quant=double_quant))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return layer
