@@ -49,6 +49,48 @@ def _matches(pattern: str, name: str) -> bool:
     return name == pattern or name.rsplit(".", 1)[-1] == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
+def plan(model: nn.Module, exclude: Exclude = DEFAULT_EXCLUDE):
+    """Which ``nn.Linear`` modules :func:`convert` turns into NF4, without changing anything.
+
+    Returns:
+        ``(candidates, unmatched, tied)``: ``{id(module): (name, module)}`` in visiting
+        order; the name/glob patterns that matched no module; the names of Linears kept
+        because their weight is tied to a module that stays.
+    """
+    patterns, predicates = _split_exclude(exclude)
+    matched: set[str] = set()
+    excluded_ids: set[int] = set()
+    candidates: dict[int, tuple[str, nn.Linear]] = {}
+
+    def visit(module: nn.Module, name: str, excluded: bool) -> None:
+        if not excluded:
+            hits = [p for p in patterns if _matches(p, name)] if name else []
+            matched.update(hits)
+            excluded = bool(hits) or any(bool(pred(module, name)) for pred in predicates)
+        if excluded:
+            excluded_ids.add(id(module))
+        elif type(module) is not NF4Linear and isinstance(module, nn.Linear):
+            candidates.setdefault(id(module), (name, module))
+        for child_name, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{name}.{child_name}" if name else child_name, excluded)
+
+    visit(model, "", False)
+    for mid in excluded_ids:
+        candidates.pop(mid, None)  # a module reached by two paths is excluded if either excludes it
+
+    # A weight that a staying module also uses (a tied lm_head / embedding) stays.
+    kept_params = {
+        id(p) for m in model.modules() if id(m) not in candidates for p in m._parameters.values() if p is not None
+    }
+    tied = []
+    for mid, (name, lin) in list(candidates.items()):
+        if id(lin.weight) in kept_params:
+            tied.append(name)
+            del candidates[mid]
+    return candidates, [p for p in patterns if p not in matched], tied
+
+
 def convert(
     model: nn.Module,
     *,
@@ -96,43 +138,14 @@ def convert(
     check_blocksize(blocksize)
     resolve_code(code)  # fail before any work on a bad codebook
     check_compute_dtype(compute_dtype)
-    warn_unmatched = exclude is not DEFAULT_EXCLUDE
-    patterns, predicates = _split_exclude(exclude)
 
     # 1. Plan on the input: which Linear modules become NF4.
-    matched: set[str] = set()
-    excluded_ids: set[int] = set()
-    candidates: dict[int, tuple[str, nn.Linear]] = {}
-
-    def visit(module: nn.Module, name: str, excluded: bool) -> None:
-        if not excluded:
-            hits = [p for p in patterns if _matches(p, name)] if name else []
-            matched.update(hits)
-            excluded = bool(hits) or any(bool(pred(module, name)) for pred in predicates)
-        if excluded:
-            excluded_ids.add(id(module))
-        elif type(module) is not NF4Linear and isinstance(module, nn.Linear):
-            candidates.setdefault(id(module), (name, module))
-        for child_name, child in module._modules.items():
-            if child is not None:
-                visit(child, f"{name}.{child_name}" if name else child_name, excluded)
-
-    visit(model, "", False)
-    if warn_unmatched:
-        for p in patterns:
-            if p not in matched:
-                warnings.warn(f"convert: exclude pattern {p!r} matched no module", stacklevel=2)
-    for mid in excluded_ids:
-        candidates.pop(mid, None)  # a module reached by two paths is excluded if either excludes it
-
-    # A weight that a staying module also uses (a tied lm_head / embedding) stays.
-    kept_params = {
-        id(p) for m in model.modules() if id(m) not in candidates for p in m._parameters.values() if p is not None
-    }
-    for mid, (name, lin) in list(candidates.items()):
-        if id(lin.weight) in kept_params:
-            warnings.warn(f"convert: {name!r} keeps full precision: its weight is tied to a layer that is not converted", stacklevel=2)
-            del candidates[mid]
+    candidates, unmatched, tied = plan(model, exclude)
+    if exclude is not DEFAULT_EXCLUDE:
+        for p in unmatched:
+            warnings.warn(f"convert: exclude pattern {p!r} matched no module", stacklevel=2)
+    for name in tied:
+        warnings.warn(f"convert: {name!r} keeps full precision: its weight is tied to a layer that is not converted", stacklevel=2)
 
     # 2. Copy the tree, sharing tensors: fresh Parameter objects over the same storage.
     memo: dict[int, object] = {}

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ._codebooks import normal_float_levels
-from ._convert import DEFAULT_EXCLUDE, _matches, _split_exclude
+from ._convert import DEFAULT_EXCLUDE, plan
 from ._quant import bits_per_parameter, check_blocksize, dequantize, quantize
 
 __all__ = [
@@ -179,18 +179,14 @@ def compare_tensors(
 
 def linear_weights(model: nn.Module, exclude=DEFAULT_EXCLUDE) -> list[tuple[str, torch.Tensor]]:
     """``(name, weight)`` of every full-precision ``nn.Linear`` that :func:`nf4lib.convert`
-    would convert (same ``exclude`` rules; shared weights listed once)."""
-    patterns, predicates = _split_exclude(exclude)
-    from ._linear import NF4Linear
-
-    out, seen, skip = [], set(), []
-    for name, m in model.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in skip):
-            continue
-        if name and (any(_matches(p, name) for p in patterns) or any(pred(m, name) for pred in predicates)):
-            skip.append(name)
-            continue
-        if isinstance(m, nn.Linear) and not isinstance(m, NF4Linear) and id(m.weight) not in seen:
+    would convert (the same plan: ``exclude`` rules, tied heads kept; a weight shared by
+    several layers listed once)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    candidates, _, _ = plan(model, exclude)
+    out, seen = [], set()
+    for name, m in candidates.values():
+        if id(m.weight) not in seen:
             seen.add(id(m.weight))
             out.append((name, m.weight.detach()))
     return out
@@ -200,8 +196,6 @@ def compare_model(
     model: nn.Module, settings: Sequence = DEFAULT_SETTINGS, blocksizes: Sequence[int] = (64,), *, exclude=DEFAULT_EXCLUDE
 ) -> list[dict]:
     """One record per (Linear layer, setting, blocksize). The model is not modified."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"compare_model expects an nn.Module, got {type(model).__name__}")
     return compare_tensors(linear_weights(model, exclude), settings, blocksizes)
 
 

@@ -115,3 +115,22 @@ def test_dataframe_only_with_pandas():
     else:
         df = analysis.to_dataframe(recs)
         assert list(df["setting"]) == ["nf4"]
+
+
+def test_linear_weights_follow_converts_plan():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.blocks = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+            self.lm_head = nn.Linear(16, 32, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+    model = Tied()
+    for exclude in ((), ["blocks.1"], [lambda m, n: n == "blocks.0"]):
+        with pytest.warns(UserWarning, match="tied"):
+            converted = nf4lib.convert(model, exclude=exclude)
+        want = [n for n, m in converted.named_modules() if isinstance(m, nf4lib.NF4Linear)]
+        assert [n for n, _ in analysis.linear_weights(model, exclude)] == want
+    with pytest.raises(TypeError, match="nn.Module"):
+        analysis.compare_model([nn.Linear(2, 2)])
