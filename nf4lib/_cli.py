@@ -17,10 +17,10 @@ import os
 import signal
 import sys
 
+from ._convert import DEFAULT_EXCLUDE, progress_bar
 from ._stream import CheckpointError, StreamingWriter, checkpoint_files, excluded, is_linear_weight, iter_tensors, read_header
 
 REPORT_SETTINGS = ("nf4", "nf4+dq", "int4", "fp4")
-DEFAULT_EXCLUDE = ["lm_head"]
 _METRICS = ("bits_per_param", "mse", "mae", "rel_l2", "sqnr_db", "max_abs", "cosine")
 
 
@@ -64,12 +64,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _bar(iterable, total, desc, show):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="tensor", file=sys.stderr, disable=None if show is None else not show)
-
-
 def _scan(path):
     """(files, {name: (file, dtype, shape)}) of a checkpoint, from the headers only."""
     files = checkpoint_files(path)
@@ -111,16 +105,17 @@ def report(args) -> int:
     from .analysis import compare_codebooks, summarize
 
     path = args.model or _default_model()
-    patterns = args.exclude if args.exclude is not None else DEFAULT_EXCLUDE
+    patterns = args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE)
     files, tensors = _scan(path)
     layers = [n for n, (_, dt, sh) in sorted(tensors.items(), key=lambda kv: _natural(kv[0]))
               if is_linear_weight(n, dt, sh) and not excluded(n, patterns)]
     if not layers:
         raise CheckpointError(f"{path}: no linear-layer weights found (2-D float '*.weight' tensors)")
-    kept_bytes = sum(_nbytes(dt, sh) for n, (_, dt, sh) in tensors.items() if n not in set(layers))
+    chosen = set(layers)
+    kept_bytes = sum(_nbytes(dt, sh) for n, (_, dt, sh) in tensors.items() if n not in chosen)
     rows, records = [], []
     order = {n: i for i, n in enumerate(layers)}
-    for name, t in _bar(iter_tensors(files, set(layers)), len(layers), "nf4lib report", args.progress):
+    for name, t in progress_bar(iter_tensors(files, chosen), total=len(layers), desc="nf4lib report", unit="tensor", show=args.progress):
         try:
             recs = compare_codebooks(t, REPORT_SETTINGS, (args.blocksize,))
         except ValueError as e:  # NaN/Inf weights
@@ -202,7 +197,7 @@ def quantize_cmd(args) -> int:
     from ._interop import to_bnb
     from ._quant import quantize
 
-    patterns = args.exclude if args.exclude is not None else DEFAULT_EXCLUDE
+    patterns = args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE)
     files, tensors = _scan(args.input)
     out = os.path.abspath(args.output)
     if os.path.isdir(out):
@@ -212,7 +207,7 @@ def quantize_cmd(args) -> int:
     chosen = {n for n, (_, dt, sh) in tensors.items() if is_linear_weight(n, dt, sh) and not excluded(n, patterns)}
     before = after = 0
     with StreamingWriter(out) as w:
-        for name, t in _bar(iter_tensors(files), len(tensors), "nf4lib quantize", args.progress):
+        for name, t in progress_bar(iter_tensors(files), total=len(tensors), desc="nf4lib quantize", unit="tensor", show=args.progress):
             before += t.numel() * t.element_size()
             parts = {name: t}
             if name in chosen:

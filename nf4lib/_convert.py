@@ -160,11 +160,10 @@ def convert(
     items = list(candidates.items())
     if progress is None and len(items) < _PROGRESS_MIN_LAYERS:
         progress = False
-    bar = _progress(len(items), progress)
     by_weight: dict[int, NF4Linear] = {}
     converted: dict[int, NF4Linear] = {}
-    try:
-        for mid, (name, lin) in items:
+    with progress_bar(items, total=len(items), desc="nf4lib.convert", unit="layer", show=progress) as bar:
+        for mid, (_, lin) in bar:
             twin = by_weight.get(id(lin.weight))
             if twin is None:
                 layer = NF4Linear.from_linear(lin, blocksize=blocksize, code=code, double_quant=double_quant, compute_dtype=compute_dtype)
@@ -172,9 +171,6 @@ def convert(
             else:  # the same weight tensor: share the quantized buffers too
                 layer = NF4Linear.from_quantized(twin.quantized, lin.bias, compute_dtype=compute_dtype)
             converted[mid] = layer
-            bar.update(1)
-    finally:
-        bar.close()
 
     if id(model) in candidates:  # the model itself is a Linear
         return converted[id(model)]
@@ -185,18 +181,10 @@ def convert(
     return new_model
 
 
-class _NoBar:
-    def update(self, n):
-        pass
 
-    def close(self):
-        pass
-
-
-def _progress(total: int, show):
-    if show is False or total == 0:
-        return _NoBar()
+def progress_bar(iterable, *, total: int, desc: str, unit: str, show: Optional[bool]):
+    """A tqdm bar on stderr over ``iterable``; ``show=None`` lets tqdm decide (a bar on a
+    terminal, none in a log file)."""
     from tqdm.auto import tqdm
 
-    # show=None: tqdm decides (a bar on a terminal, none in a log file).
-    return tqdm(total=total, desc="nf4lib.convert", unit="layer", disable=None if show is None else False)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None if show is None else not show)
