@@ -40,19 +40,52 @@ def dynamic_map() -> torch.Tensor:
     return _dynamic_map_cached().clone()
 
 
-def _nearest_sorted(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest entry of the sorted ``code``; a tie goes to the lower index.
+# bitsandbytes 0.50's CPU kernel, the format of record here, does not search the map
+# for each value. It builds a 65,536-entry table once, over the grid points
+#     p_j = (j + j) / 65535 - 1,      j = 0 .. 65535          (float32 ops)
+# holding for each p_j the number of map midpoints (code[k] + code[k+1]) * 0.5 below it,
+# i.e. the nearest code, ties low. A value then goes through the grid:
+#     v = clamp(x * (1 / scale), -1, 1),  j = trunc(fl32((v + 1) * 0.5 * 65535 + 0.5))
+# (the last step one fused multiply-add). So a value gets the code nearest a point at most
+# half a grid step (1/65535 ~ 1.5e-5 of the group's scale) away from it, not always the
+# code nearest the value itself. We take the same steps so the codes, and so the
+# checkpoints, match bit for bit (read off the shipped binary's disassembly: its
+# build_quantize_lut and quantize_cpu_impl).
+_GRID_STEPS = 65535
 
-    Distances are float32 ``|x - code[i]|``, as bitsandbytes' kernel computes them.
-    """
-    left = (torch.bucketize(x, code, right=True) - 1).clamp(0, code.numel() - 1)
-    right = (left + 1).clamp(max=code.numel() - 1)
-    go_right = (x - code[right]).abs() < (x - code[left]).abs()
-    return torch.where(go_right, right, left)
+
+@functools.lru_cache(maxsize=1)
+def _grid_table_cached() -> torch.Tensor:
+    code = _dynamic_map_cached()
+    midpoints = (code[:-1] + code[1:]) * 0.5
+    j = torch.arange(_GRID_STEPS + 1, dtype=torch.float32, device="cpu")
+    points = (j + j) / torch.tensor(float(_GRID_STEPS)) - 1.0
+    return torch.searchsorted(midpoints, points, side="left").to(torch.uint8)
+
+
+def _grid_codes(groups: torch.Tensor, scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """8-bit codes of ``groups`` (float32 ``(g, blocksize)``) by bitsandbytes' grid table."""
+    v = (groups * (1.0 / scales)[:, None]).clamp(-1.0, 1.0)
+    # An all-zero group gives 0 * inf = NaN; the kernel's float->int conversion turns
+    # NaN into index 0, so such a group is stored as code 0 (it dequantizes to the offset).
+    v = torch.where(v.isnan(), -1.0, v)
+    t = (v + 1.0) * 0.5
+    # v + 1 is a multiple of 2^-24 on [0, 2], so T = t * 2^25 is an exact integer and the
+    # fused t * 65535 + 0.5 equals (T * 65535 + 2^24) / 2^25 exactly. Converting that
+    # int64 to float32 rounds once, to nearest even, as the FMA does; no float64 needed,
+    # so this runs on devices without it.
+    exact = (t * 2.0**25).to(torch.int64) * _GRID_STEPS + 2**24
+    j = (exact.to(torch.float32) * 2.0**-25).to(torch.int64)
+    return table[j]
 
 
 def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> DoubleQuantized:
     """Quantize a float32 absmax vector to 8 bits (bitsandbytes ``compress_statistics``).
+
+    Codes, scales and offset equal bitsandbytes 0.50 bit for bit: each value takes the
+    map entry nearest its point on bitsandbytes' 65,536-step grid over [-1, 1], which is
+    the true nearest entry except within half a grid step (1.5e-5 of the group's scale)
+    of a boundary between two entries.
 
     Args:
         absmax: float32 ``(n_blocks,)``, non-negative.
@@ -71,6 +104,7 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> DoubleQuantiz
     if not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two >= 2, got {blocksize!r}")
     code = _dynamic_map_cached().to(absmax.device)
+    table = _grid_table_cached().to(absmax.device)
     n = absmax.numel()
     if n == 0:
         empty = absmax.new_empty(0)
@@ -80,10 +114,7 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> DoubleQuantiz
     pad = (-n) % blocksize
     groups = torch.nn.functional.pad(centred, (0, pad)).view(-1, blocksize)
     scales = groups.abs().amax(dim=1)
-    # bitsandbytes divides here (the 4-bit path multiplies by a reciprocal). A group
-    # whose values all equal the mean has scale 0: it is stored as code 0.0.
-    normed = torch.where(scales[:, None] > 0, groups / scales[:, None], 0.0).reshape(-1)[:n]
-    codes = _nearest_sorted(normed, code).to(torch.uint8)
+    codes = _grid_codes(groups, scales, table).reshape(-1)[:n]
     return DoubleQuantized(codes, scales, offset, code, blocksize)
 
 

@@ -108,6 +108,19 @@ def dynamic_map():
     return np.array(sorted(values), dtype=F32)
 
 
+def grid_code(v, code, steps=65535):
+    """8-bit code of a normalised float32 value the way bitsandbytes 0.50's CPU kernel
+    picks it: round v to a point of a ``steps + 1``-point grid on [-1, 1], then take the
+    code nearest that grid point. Not always the code nearest v itself."""
+    v = F32(min(max(v, F32(-1)), F32(1))) if not np.isnan(v) else F32(-1)  # NaN: index 0
+    t = (v + F32(1)) * F32(0.5)
+    # the kernel's fused multiply-add, t * steps + 0.5 rounded once to float32: exact in
+    # float64 (t has at most 25 fractional bits), then one rounding
+    j = int(np.float32(np.float64(t) * steps + 0.5))
+    point = F32(F32(F32(j) + F32(j)) / F32(steps)) - F32(1)
+    return nearest_level(point, code)
+
+
 def double_quantize(absmax, offset, code, blocksize=256):
     """8-bit codes and float32 scales for absmax - offset, in groups of ``blocksize``.
 
@@ -118,12 +131,12 @@ def double_quantize(absmax, offset, code, blocksize=256):
     codes, scales = [], []
     for start in range(0, centred.size, blocksize):
         group = centred[start : start + blocksize]
-        scale = np.abs(group).max()
+        scale = max(F32(0), np.abs(group).max())
         scales.append(scale)
-        normed = group / scale if scale > 0 else np.zeros_like(group)  # all equal: code 0.0
-        for v in normed:
-            distances = np.abs(F32(v) - code)
-            codes.append(int(np.argmin(distances)))  # first minimum: ties go low
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            inverse = F32(1) / scale  # scale 0 (or subnormal): inf; 0 * inf = NaN -> code 0
+            for v in group:
+                codes.append(grid_code(F32(v * inverse), code))
     return np.array(codes, dtype=np.uint8), np.array(scales, dtype=F32)
 
 
