@@ -18,6 +18,25 @@ def best_ms(fn, repeat=7, warmup=2):
     return min(times) * 1e3
 
 
+def interleaved_ms(fns, rounds=15, warmup=2):
+    """Time several callables round-robin: {name: (best ms, median ms)}.
+
+    On a shared, noisy machine, timing one library after another lets drifting
+    background load favour whichever ran in the quiet spell; alternating them each
+    round gives every library the same conditions.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (min(t), sorted(t)[len(t) // 2]) for name, t in times.items()}
+
+
 def _status_kib(field):
     with open("/proc/self/status") as f:
         for line in f:

@@ -18,6 +18,8 @@ import torch
 from . import _compiled
 from ._codebooks import CODE_NAMES, build_search_tables, named_code, named_thresholds, named_to_storage, resolve_code
 from ._double import double_dequantize, double_quantize
+from ._halves import run_halves
+from ._hugepages import empty_large
 from ._records import DoubleQuantized, QuantizedTensor
 
 __all__ = ["quantize", "dequantize", "bits_per_parameter", "check_blocksize", "pair_table", "dequantize_blocks_into"]
@@ -26,6 +28,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Eager work is done this many elements at a time, so temporaries stay small
 # (quantize's extra peak memory stays under the input's size).
 _CHUNK = 1 << 20
+# dequantize goes 256K elements at a time: its 1 MiB of float32 pairs stays in cache
+# between the gather and the multiply (measured ~1.4x faster than 1M on 2 cores).
+_DEQUANT_CHUNK = 1 << 18
+# From this many elements, CPU dequantize runs its two halves on two threads.
+_SPLIT_MIN = 1 << 22
 # Above this size the fused, compiled kernels pay for their one-off compile.
 _COMPILE_MIN = 1 << 21
 
@@ -215,19 +222,32 @@ def dequantize_blocks_into(out: torch.Tensor, packed: torch.Tensor, absmax: torc
     One 8-byte gather per byte into the pair table, then ``w = pair * absmax`` computed in
     float32 and written straight into ``out``'s dtype (the same rounding as a cast after).
     """
-    pairs = table.index_select(0, packed.reshape(-1).int())
+    index = packed.reshape(-1).int()
+    if out.dtype == torch.float32:
+        # the pairs land straight in the output and are scaled in place: one pass fewer
+        torch.index_select(table, 0, index, out=out.view(torch.int64))
+        out.view(-1, blocksize).mul_(absmax[:, None])
+        return
+    pairs = table.index_select(0, index)
     torch.mul(pairs.view(torch.float32).view(-1, blocksize), absmax[:, None], out=out.view(-1, blocksize))
 
 
 def _dequantize_chunked(packed, absmax, code, n: int, blocksize: int, dtype) -> torch.Tensor:
     """Eager fast path: whole blocks a chunk at a time, then the partial last block."""
-    out = torch.empty(n, dtype=dtype, device=packed.device)
+    out = empty_large(n, dtype, packed.device)
     table = pair_table(code)
     full = n - n % blocksize
-    step = max(1, _CHUNK // blocksize) * blocksize
-    for s in range(0, full, step):
-        e = min(s + step, full)
-        dequantize_blocks_into(out[s:e], packed[s // 2 : e // 2], absmax[s // blocksize : e // blocksize], table, blocksize)
+    step = max(1, _DEQUANT_CHUNK // blocksize) * blocksize
+
+    def blocks(lo, hi):
+        for s in range(lo, hi, step):
+            e = min(s + step, hi)
+            dequantize_blocks_into(out[s:e], packed[s // 2 : e // 2], absmax[s // blocksize : e // blocksize], table, blocksize)
+
+    if packed.device.type == "cpu" and full >= _SPLIT_MIN and torch.get_num_threads() > 1:
+        run_halves(blocks, 0, full, blocksize)  # two cores on the (serial) gathers
+    else:
+        blocks(0, full)
     if full < n:
         pairs = table.index_select(0, packed[full // 2 :].int()).view(torch.float32)[: n - full]
         torch.mul(pairs, absmax[-1], out=out[full:])
