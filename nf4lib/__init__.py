@@ -6,6 +6,7 @@ from ._quant import bits_per_parameter, dequantize, quantize
 from ._records import DoubleQuantized, QuantizedTensor
 from ._ops import quantized_linear
 from ._interop import from_bnb, to_bnb
+from ._tensor import NF4Tensor
 from ._linear import NF4Linear
 from ._convert import convert
 from ._checkpoint import load_quantized, save_quantized
@@ -28,6 +29,7 @@ __all__ = [
     "double_dequantize",
     "bits_per_parameter",
     "quantized_linear",
+    "NF4Tensor",
     "NF4Linear",
     "convert",
     "from_bnb",

@@ -35,15 +35,9 @@ def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     for mod_name, mod in model.named_modules():
         for b in mod._non_persistent_buffers_set:
             t = mod._buffers.get(b)
-            if t is not None and not _is_quant_buffer(mod, b):
+            if t is not None:
                 out[f"{mod_name}.{b}" if mod_name else b] = t
     return out
-
-
-def _is_quant_buffer(mod: nn.Module, name: str) -> bool:
-    from ._linear import _QUANT_BUFFERS, NF4Linear
-
-    return isinstance(mod, NF4Linear) and name in _QUANT_BUFFERS  # already in the state dict
 
 
 def _storage_key(t: torch.Tensor):

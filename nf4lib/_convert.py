@@ -66,7 +66,9 @@ def plan(model: nn.Module, exclude: Exclude = DEFAULT_EXCLUDE):
         if not excluded:
             hits = [p for p in patterns if _matches(p, name)] if name else []
             matched.update(hits)
-            excluded = bool(hits) or any(bool(pred(module, name)) for pred in predicates)
+            # Predicates see Linear layers only (they may read in_features, out_features, ...)
+            is_linear = isinstance(module, nn.Linear)
+            excluded = bool(hits) or (is_linear and any(bool(pred(module, name)) for pred in predicates))
         if excluded:
             excluded_ids.add(id(module))
         elif type(module) is not NF4Linear and isinstance(module, nn.Linear):
@@ -116,13 +118,20 @@ def convert(
             empty skeleton for :func:`nf4lib.load_quantized` / ``load_state_dict(assign=True)``.
         exclude: what stays full precision: module names (full dotted name, or a last
             component like ``"lm_head"``), fnmatch globs (``"*.mlp.*"``), predicates
-            ``(module, name) -> bool``, or a sequence of these. Excluding a module excludes
+            ``(linear, name) -> bool`` (called on ``nn.Linear`` modules only), or a
+            sequence of these. Excluding a module excludes
             everything under it. A name or glob that matches no module gives a warning
             (the default, ``("lm_head",)``, does not).
         blocksize, code, double_quant: as in :func:`nf4lib.quantize`.
         compute_dtype: dtype of the matmul; ``None`` keeps each layer's own dtype.
             fp32, fp16, bf16.
         progress: show a tqdm bar; ``None`` shows one for 32 layers or more (on a terminal).
+
+    Raises:
+        ValueError: ``model`` already holds NF4Linear layers quantized with other settings
+            (re-quantizing 4-bit weights would compound the error; convert the
+            full-precision model instead). Layers already in 4 bits with the same
+            settings are kept as they are.
 
     Returns:
         The new model. A Linear whose weight is tied to a module that stays (say an
@@ -140,6 +149,7 @@ def convert(
     check_compute_dtype(compute_dtype)
 
     # 1. Plan on the input: which Linear modules become NF4.
+    _check_already_converted(model, blocksize, code, double_quant)
     candidates, unmatched, tied = plan(model, exclude)
     if exclude is not DEFAULT_EXCLUDE:
         for p in unmatched:
@@ -168,8 +178,9 @@ def convert(
             if twin is None:
                 layer = NF4Linear.from_linear(lin, blocksize=blocksize, code=code, double_quant=double_quant, compute_dtype=compute_dtype)
                 by_weight[id(lin.weight)] = layer
-            else:  # the same weight tensor: share the quantized buffers too
+            else:  # the same weight tensor: share the quantized weight Parameter too
                 layer = NF4Linear.from_quantized(twin.quantized, lin.bias, compute_dtype=compute_dtype)
+                layer.weight = twin.weight
             converted[mid] = layer
 
     if id(model) in candidates:  # the model itself is a Linear
@@ -180,6 +191,19 @@ def convert(
                 parent._modules[child_name] = converted[copies[id(child)]]
     return new_model
 
+
+
+def _check_already_converted(model: nn.Module, blocksize: int, code, double_quant: bool) -> None:
+    want_code = code.lower() if isinstance(code, str) else "custom"
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            have = (m.blocksize, m.code_name, m.double_quant)
+            if have != (blocksize, want_code, bool(double_quant)) or (want_code == "custom" and not torch.equal(m.weight.quant_map.cpu(), resolve_code(code))):
+                raise ValueError(
+                    f"convert: {name or 'the model'!r} is already NF4 (blocksize={have[0]}, code={have[1]}, "
+                    f"double_quant={have[2]}); converting it to blocksize={blocksize}, code={want_code}, "
+                    f"double_quant={bool(double_quant)} would re-quantize 4-bit values. Convert the full-precision model."
+                )
 
 
 def progress_bar(iterable, *, total: int, desc: str, unit: str, show: Optional[bool]):

@@ -103,7 +103,8 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> DoubleQuantiz
         raise TypeError(f"absmax must be a 1-D float32 tensor, got {getattr(absmax, 'dtype', type(absmax))}")
     if not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two >= 2, got {blocksize!r}")
-    code = _dynamic_map_cached().to(absmax.device)
+    # Each record owns its map: an in-place write to one layer's map must not reach another.
+    code = _dynamic_map_cached().to(absmax.device, copy=True)
     table = _grid_table_cached().to(absmax.device)
     n = absmax.numel()
     if n == 0:
@@ -114,23 +115,14 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> DoubleQuantiz
     pad = (-n) % blocksize
     groups = torch.nn.functional.pad(centred, (0, pad)).view(-1, blocksize)
     scales = groups.abs().amax(dim=1)
-    codes = _grid_codes(groups, scales, table).reshape(-1)[:n]
+    codes = _grid_codes(groups, scales, table).reshape(-1)
+    if pad:  # own exactly n codes: no padding bytes behind the view to be saved with it
+        codes = codes[:n].clone()
     return DoubleQuantized(codes, scales, offset, code, blocksize)
-
-
-def dequantize_parts(codes, scales, offset, code, blocksize: int) -> torch.Tensor:
-    """float32 absmax from the double-quant parts: ``code[codes] * scales[group] + offset``.
-
-    Takes the tensors loose so the ``quantized_linear`` op, whose schema carries them
-    separately, shares this one formula with :func:`double_dequantize`.
-    """
-    n = codes.numel()
-    pad = (-n) % blocksize
-    values = code[codes.long()]
-    scaled = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize) * scales[:, None]
-    return scaled.reshape(-1)[:n] + offset
 
 
 def double_dequantize(dq: DoubleQuantized) -> torch.Tensor:
     """float32 absmax from a :class:`DoubleQuantized`: ``code[codes] * scales[group] + offset``."""
-    return dequantize_parts(dq.codes, dq.scales, dq.offset, dq.code, dq.blocksize)
+    if not isinstance(dq, DoubleQuantized):
+        raise TypeError(f"double_dequantize expects a DoubleQuantized, got {type(dq).__name__}")
+    return dq.dequantize()

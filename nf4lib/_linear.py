@@ -1,6 +1,8 @@
 """Layer 5: ``NF4Linear``, a drop-in ``nn.Linear`` whose weight is stored in 4 bits.
 
-Its state dict is bitsandbytes ``Linear4bit``'s, key for key and byte for byte, so a
+Its weight is an ``nn.Parameter(requires_grad=False)`` holding an :class:`NF4Tensor`, so
+``parameters()``, ``functional_call``, PEFT and distributed tools see it as a weight; its
+state dict is bitsandbytes ``Linear4bit``'s, key for key and byte for byte, so a
 converted model loads transformers + bitsandbytes 4-bit checkpoints and they load ours.
 """
 
@@ -11,25 +13,18 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._codebooks import code_name, resolve_code
+from ._codebooks import resolve_code
 from ._double import dynamic_map
-from ._interop import QUANT_STATE_SUFFIXES, from_bnb, to_bnb
-from ._ops import quantized_linear
-from ._quant import bits_per_parameter, check_blocksize, dequantize, quantize
+from ._interop import QUANT_STATE_SUFFIXES, from_bnb
+from ._quant import bits_per_parameter, check_blocksize, quantize
 from ._records import DoubleQuantized, QuantizedTensor
+from ._tensor import COMPUTE_DTYPES, NF4Tensor, check_compute_dtype as _check_dtype, nf4_linear, same_layout
 
 __all__ = ["NF4Linear"]
 
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Buffers holding the quantized weight. They keep their dtype through .to(dtype) / .half():
-# only the compute dtype follows those.
-_QUANT_BUFFERS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset")
-
 
 def check_compute_dtype(dtype) -> Optional[torch.dtype]:
-    if dtype is not None and dtype not in _COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
-    return dtype
+    return None if dtype is None else _check_dtype(dtype)
 
 
 def _empty_record(out_f, in_f, *, blocksize, code, double_quant, dtype, device) -> QuantizedTensor:
@@ -50,24 +45,30 @@ def _empty_record(out_f, in_f, *, blocksize, code, double_quant, dtype, device) 
     return QuantizedTensor(packed, absmax, levels, (out_f, in_f), dtype, blocksize)
 
 
+def _code_name_of(code) -> Optional[str]:
+    return code.lower() if isinstance(code, str) else None
+
+
 class NF4Linear(nn.Linear):
     """``y = x @ W.T + b`` with ``W`` held in 4 bits (``W ~= code[q] * absmax[block]``).
 
     A subclass of ``nn.Linear`` (so PEFT's LoRA and code that looks for linear layers
-    accept it) that holds no full-precision weight. ``forward`` casts ``x`` to
-    ``compute_dtype``, calls :func:`nf4lib.quantized_linear`, and casts back.
+    accept it) that holds no full-precision weight. ``forward`` casts ``x`` to the
+    compute dtype, calls :func:`nf4lib.quantized_linear`, and casts back.
 
-    Buffers (the frozen 4-bit weight; none is a parameter):
-        ``weight`` uint8 ``(ceil(out*in/2), 1)``; ``absmax`` float32 ``(n_blocks,)`` or, with
-        double quantization, uint8 codes; ``quant_map`` float32 ``(<=16,)``;
-        ``nested_absmax`` float32, ``nested_quant_map`` float32 ``(256,)`` and
-        ``nested_offset`` float32 ``()`` (None unless double-quantized).
-    Parameter: ``bias`` ``(out,)`` in the original dtype, or None.
+    Parameters:
+        ``weight``: ``nn.Parameter(requires_grad=False)`` holding an :class:`NF4Tensor`
+        of shape ``(out_features, in_features)`` and dtype = the compute dtype; its
+        4-bit parts are ``weight.packed``, ``weight.absmax``, ``weight.quant_map`` and,
+        double-quantized, ``weight.nested_absmax``, ``weight.nested_quant_map``,
+        ``weight.nested_offset``.
+        ``bias``: ``(out,)`` in the original dtype, or None.
 
-    State-dict keys (bitsandbytes ``Linear4bit``'s): ``weight``, ``weight.absmax``,
-    ``weight.quant_map``, [``weight.nested_absmax``, ``weight.nested_quant_map``],
-    ``weight.quant_state.bitsandbytes__nf4`` (uint8 JSON; ``__fp4`` for FP4,
-    ``nf4lib__int4`` / ``nf4lib__custom`` for codebooks bitsandbytes lacks), ``bias``.
+    State-dict keys (bitsandbytes ``Linear4bit``'s): ``weight`` (uint8 ``(ceil(n/2), 1)``),
+    ``bias``, ``weight.absmax``, ``weight.quant_map``, [``weight.nested_absmax``,
+    ``weight.nested_quant_map``], ``weight.quant_state.bitsandbytes__nf4`` (uint8 JSON;
+    ``__fp4`` for FP4, ``nf4lib__<code>`` where bitsandbytes cannot read the weight).
+    Each resolves by attribute (``layer.weight.absmax``, ``layer.weight.quant_state``).
     Loading adopts the checkpoint's blocksize, codebook and double quantization; its
     weight shape must be ``(out_features, in_features)``.
 
@@ -97,15 +98,13 @@ class NF4Linear(nn.Linear):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if dtype not in _COMPUTE_DTYPES:
+        if dtype not in COMPUTE_DTYPES[:3]:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
         check_blocksize(blocksize)
+        check_compute_dtype(compute_dtype)
         self.in_features, self.out_features = in_features, out_features
-        self.compute_dtype = check_compute_dtype(compute_dtype) or dtype
         q = _empty_record(out_features, in_features, blocksize=blocksize, code=code, double_quant=double_quant, dtype=dtype, device=device)
-        for name in _QUANT_BUFFERS:
-            self.register_buffer(name, None, persistent=False)
-        self._set_record(q, code.lower() if isinstance(code, str) else None)
+        self._set_record(q, compute_dtype or dtype, _code_name_of(code))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
@@ -130,7 +129,7 @@ class NF4Linear(nn.Linear):
         if not isinstance(linear, nn.Linear) or isinstance(linear, NF4Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
-        # Built on meta (no buffers allocated), then given the quantized weight: a skeleton
+        # Built on meta (nothing allocated), then given the quantized weight: a skeleton
         # stays on meta, exactly as the constructor makes it.
         layer = cls(
             linear.in_features, linear.out_features, linear.bias is not None,
@@ -138,7 +137,8 @@ class NF4Linear(nn.Linear):
             compute_dtype=compute_dtype, dtype=w.dtype, device="meta",
         )
         if not w.is_meta:
-            layer._set_record(quantize(w.detach(), blocksize=blocksize, code=code, double_quant=double_quant))
+            q = quantize(w.detach(), blocksize=blocksize, code=code, double_quant=double_quant)
+            layer._set_record(q, compute_dtype or w.dtype, _code_name_of(code))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return layer
@@ -150,110 +150,119 @@ class NF4Linear(nn.Linear):
             raise ValueError(f"from_quantized expects a 2-D QuantizedTensor, got {getattr(q, 'shape', type(q).__name__)}")
         out_f, in_f = q.shape
         layer = cls(in_f, out_f, bias is not None, blocksize=q.blocksize, compute_dtype=compute_dtype, dtype=q.dtype, device="meta")
-        layer._set_record(q)
+        layer._set_record(q, compute_dtype or q.dtype)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().to(q.device, copy=True), requires_grad=bias.requires_grad)
         return layer
 
-    def _set_record(self, q: QuantizedTensor, name: Optional[str] = None) -> None:
-        self.weight = q.packed.reshape(-1, 1)
-        if isinstance(q.absmax, DoubleQuantized):
-            d = q.absmax
-            self.absmax, self.nested_absmax, self.nested_quant_map, self.nested_offset = d.codes, d.scales, d.code, d.offset
-            self.nested_blocksize = d.blocksize
-        else:
-            self.absmax, self.nested_absmax, self.nested_quant_map, self.nested_offset = q.absmax, None, None, None
-            self.nested_blocksize = 256
-        self.quant_map = q.code
-        # The codebook's name, kept so a meta-device skeleton can still name it.
-        self.code_name = name if name is not None else (None if q.code.is_meta else code_name(q.code)) or "custom"
-        self.blocksize = q.blocksize
-        self.weight_dtype = q.dtype
+    def _set_record(self, q: QuantizedTensor, compute_dtype: torch.dtype, name: Optional[str] = None) -> None:
+        w = NF4Tensor.from_quantized(q, dtype=compute_dtype, code_name=name)
+        self.weight = nn.Parameter(w, requires_grad=False)
 
     # ------------------------------------------------------------------ views
     @property
     def quantized(self) -> QuantizedTensor:
-        """The weight as an immutable :class:`QuantizedTensor` record (sharing the buffers)."""
-        absmax = self.absmax
-        if self.nested_absmax is not None:
-            absmax = DoubleQuantized(self.absmax, self.nested_absmax, self.nested_offset, self.nested_quant_map, self.nested_blocksize)
-        return QuantizedTensor(
-            self.weight.reshape(-1), absmax, self.quant_map, (self.out_features, self.in_features), self.weight_dtype, self.blocksize
-        )
+        """The weight as an immutable :class:`QuantizedTensor` record (sharing the tensors)."""
+        return self.weight.quantized
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the weight was quantized from (written to the checkpoint)."""
+        return self.weight.qlayout.qdtype
+
+    @property
+    def blocksize(self) -> int:
+        return self.weight.qlayout.blocksize
+
+    @property
+    def code_name(self) -> str:
+        return self.weight.qlayout.code_name
+
+    @property
+    def double_quant(self) -> bool:
+        return self.weight.double_quant
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The full ``(out_features, in_features)`` weight, in ``dtype`` (default: compute dtype)."""
-        return dequantize(self.quantized, dtype or self.compute_dtype)
+        return self.weight.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            # nn.Linear raises here too; casting would silently truncate the result
+            raise TypeError(f"NF4Linear expects a floating point input, got {getattr(x, 'dtype', type(x).__name__)}")
         cd = self.compute_dtype
         bias = None if self.bias is None else self.bias.to(cd)
-        return quantized_linear(x.to(cd), self.quantized, bias).to(x.dtype)
+        return nf4_linear(x.to(cd), self.weight, bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         bits = bits_per_parameter(self.quantized)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"code={self.code_name}, blocksize={self.blocksize}, double_quant={self.nested_absmax is not None}, "
+            f"code={self.code_name}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
             f"bits_per_weight={bits:.3f}, compute_dtype={str(self.compute_dtype).replace('torch.', '')}"
         )
 
-    # ------------------------------------------------------------------ device / dtype
-    def _apply(self, fn, recurse=True):
-        # Find where fn sends a float64 tensor: its device is the move, a changed dtype is
-        # the new compute dtype. The 4-bit buffers only ever move.
-        probe = fn(torch.empty(0, dtype=torch.float64, device=self.weight.device))
-        held = {k: self._buffers.pop(k) for k in _QUANT_BUFFERS}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for k, t in held.items():
-                if t is not None and t.device != probe.device:
-                    t = torch.empty_like(t, device=probe.device) if t.is_meta else t.to(probe.device)
-                self._buffers[k] = t
-        if probe.dtype != torch.float64 and probe.dtype in _COMPUTE_DTYPES:
-            self.compute_dtype = probe.dtype
-        return self
-
     # ------------------------------------------------------------------ state dict
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # bitsandbytes' order: weight, bias, then the quant state. The quant buffers are
-        # non-persistent, so the base class writes only the bias.
-        parts = to_bnb(self.quantized, prefix + "weight", code_name=self.code_name)
+        # bitsandbytes' order and bytes: weight (the packed codes, (ceil(n/2), 1)), bias,
+        # then the quant state.
+        parts = self.weight._bnb_entries(prefix + "weight")
         destination[prefix + "weight"] = parts.pop(prefix + "weight")
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
         destination.update(parts)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        wkey = prefix + "weight"
-        own = {k: v for k, v in state_dict.items() if k == wkey or k.startswith(wkey + ".")}
-        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in own}
-        if wkey not in own:
-            missing_keys.append(wkey)
-            super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-            return
-        known = {wkey} | {f"{wkey}.{s}" for s in QUANT_STATE_SUFFIXES}
-        unexpected_keys.extend(k for k in own if k not in known and not k.startswith(wkey + ".quant_state."))
-        # Check the quantized weight before touching anything, so a failed load changes nothing here.
-        try:
-            q = from_bnb(own, wkey)
-        except (ValueError, TypeError) as e:
-            error_msgs.append(f"while loading {wkey!r}: {e}")
-            return
-        if tuple(q.shape) != (self.out_features, self.in_features):
-            error_msgs.append(
-                f"size mismatch for {wkey}: the checkpoint holds a quantized weight of shape {tuple(q.shape)}, "
-                f"this NF4Linear is ({self.out_features}, {self.in_features})"
+        wkey, bkey = prefix + "weight", prefix + "bias"
+        known = {wkey, bkey} | {f"{wkey}.{s}" for s in QUANT_STATE_SUFFIXES}
+        if strict:  # as nn.Module does: keys under this prefix that name nothing here
+            unexpected_keys.extend(
+                k for k in state_dict if k.startswith(prefix) and k not in known and not k.startswith(wkey + ".quant_state.")
             )
+        if self.bias is not None and bkey not in state_dict:
+            missing_keys.append(bkey)
+        if wkey not in state_dict:
+            missing_keys.append(wkey)
+            q = None
+        else:
+            # Check everything before changing anything, so a failed load leaves the layer as it was.
+            try:
+                q = from_bnb({k: state_dict[k] for k in state_dict if k == wkey or k.startswith(wkey + ".")}, wkey)
+            except (ValueError, TypeError) as e:
+                error_msgs.append(f"while loading {wkey!r}: {e}")
+                return
+            if tuple(q.shape) != (self.out_features, self.in_features):
+                error_msgs.append(
+                    f"size mismatch for {wkey}: the checkpoint holds a quantized weight of shape {tuple(q.shape)}, "
+                    f"this NF4Linear is ({self.out_features}, {self.in_features})"
+                )
+                return
+        bias = state_dict.get(bkey) if self.bias is not None else None
+        if bias is not None and tuple(bias.shape) != tuple(self.bias.shape):
+            error_msgs.append(f"size mismatch for {bkey}: copying a param with shape {tuple(bias.shape)}, the current shape is {tuple(self.bias.shape)}")
             return
-        n_errors = len(error_msgs)
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if len(error_msgs) > n_errors:
-            return
-        device = self.weight.device
         assign = local_metadata.get("assign_to_params_buffers", False)
-        if device.type == "meta":
-            device = q.device  # a skeleton takes the checkpoint's tensors where they are
-        # Copy (as load_state_dict does) unless assigning: the module never aliases the caller's tensors.
-        self._set_record(q.to(device, copy=not assign))
+        with torch.no_grad():
+            if q is not None:
+                self._load_record(q, assign)
+            if bias is not None:
+                if assign or self.bias.is_meta:
+                    self.bias = nn.Parameter(bias.detach().to(self.weight.device), requires_grad=self.bias.requires_grad)
+                else:
+                    self.bias.copy_(bias)
 
+    def _load_record(self, q: QuantizedTensor, assign: bool) -> None:
+        w = self.weight
+        if not assign and not w.is_meta:
+            new = NF4Tensor.from_quantized(q.to(w.device), dtype=w.dtype)
+            if same_layout(new, w):
+                w.copy_(new)  # in place: the Parameter object (held by optimizers, FSDP) stays
+                return
+        # A new layout (blocksize, codebook, double quantization), a skeleton, or assign=True:
+        # a new Parameter. Copy unless assigning, so the module never aliases the caller's tensors.
+        device = q.device if w.is_meta else w.device
+        self._set_record(q.to(device, copy=not assign), w.dtype)

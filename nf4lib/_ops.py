@@ -1,10 +1,13 @@
 """Layer 3: the ``nf4lib::quantized_linear`` op, defined once: schema, fake kernel,
-autograd formula and vmap rule. Device kernels live in ``nf4lib/backends/``.
+autograd formula and vmap rule. Device kernels live in ``nf4lib/backends/`` and register
+themselves with :func:`register_kernel`; this module imports none of them.
 
     ``y = x @ dequantize(W).T + bias``, ``W ~= code[q] * absmax[block]``
 
-The weight travels as its stored parts (packed codes, absmax or its double-quantized
-parts, the codebook), so nothing of the weight's full size exists outside a kernel.
+The weight travels as its stored parts, under bitsandbytes' names (packed codes, absmax
+or its 8-bit codes, quant_map, and the nested parts of double quantization), so nothing
+of the weight's full size exists outside a kernel. A kernel receives the weight as one
+:class:`QuantizedTensor` record, rebuilt from those parts here.
 """
 
 from __future__ import annotations
@@ -14,119 +17,189 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._double import dequantize_parts
-from ._records import DoubleQuantized, QuantizedTensor
+from ._quant import dequantize
+from ._records import QuantizedTensor, scales_from_parts
 
-__all__ = ["quantized_linear"]
+__all__ = ["quantized_linear", "op_args", "register_kernel", "linear_parts"]
 
-
-@torch.library.custom_op("nf4lib::quantized_linear", mutates_args=())
-def _quantized_linear_op(
-    x: Tensor,
-    packed: Tensor,
-    absmax: Tensor,
-    code: Tensor,
-    out_features: int,
-    in_features: int,
-    blocksize: int,
-    bias: Optional[Tensor],
-    dq_scales: Optional[Tensor],
-    dq_offset: Optional[Tensor],
-    dq_code: Optional[Tensor],
-    dq_blocksize: int,
-) -> Tensor:
-    """``y = x @ W.T + bias``. With ``dq_scales`` given, ``absmax`` holds uint8 double-quant
-    codes and ``absmax_f32 = dq_code[absmax] * dq_scales[i // dq_blocksize] + dq_offset``."""
-    from .backends import default
-
-    return default.forward(x, packed, absmax, code, out_features, in_features, blocksize, bias, dq_scales, dq_offset, dq_code, dq_blocksize)
+OP = "nf4lib::quantized_linear"
+# bitsandbytes' gemm_4bit shape: the input, the stored weight, its geometry, then bias
+# and the optional double-quantization parts.
+torch.library.define(
+    OP,
+    "(Tensor x, Tensor packed, Tensor absmax, Tensor quant_map, int out_features, int in_features, "
+    "int blocksize=64, Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_quant_map=None, "
+    "Tensor? nested_offset=None, int? nested_blocksize=None) -> Tensor",
+)
+_op = torch.ops.nf4lib.quantized_linear.default
 
 
-@_quantized_linear_op.register_fake
-def _(x, packed, absmax, code, out_features, in_features, blocksize, bias, dq_scales, dq_offset, dq_code, dq_blocksize):
+def op_args(q: QuantizedTensor) -> dict:
+    """The op's weight arguments for a 2-D record, by name (``x`` and ``bias`` excluded)."""
+    out_f, in_f = q.shape
+    return {
+        "packed": q.packed, "quant_map": q.code, "out_features": out_f, "in_features": in_f,
+        "blocksize": q.blocksize, **q.scales.op_parts(),
+    }
+
+
+def record_from_args(packed, absmax, quant_map, out_features, in_features, blocksize,
+                     nested_absmax=None, nested_quant_map=None, nested_offset=None, nested_blocksize=None, dtype=torch.float32):
+    """The :class:`QuantizedTensor` the op's arguments describe (tensors shared, not copied)."""
+    scales = scales_from_parts(absmax, nested_absmax, nested_quant_map, nested_offset, nested_blocksize)
+    return QuantizedTensor(packed, scales, quant_map, (out_features, in_features), dtype, blocksize)
+
+
+def register_kernel(device_type: Optional[str]):
+    """Decorator: register ``fn(x, q: QuantizedTensor, bias) -> y`` as the op's kernel for
+    ``device_type`` (None: every device without its own kernel)."""
+
+    def wrap(fn):
+        def kernel(x, packed, absmax, quant_map, out_features, in_features, blocksize=64, bias=None,
+                   nested_absmax=None, nested_quant_map=None, nested_offset=None, nested_blocksize=None):
+            q = record_from_args(packed, absmax, quant_map, out_features, in_features, blocksize,
+                                 nested_absmax, nested_quant_map, nested_offset, nested_blocksize, x.dtype)
+            return fn(x, q, bias)
+
+        torch.library.register_kernel(OP, device_type, kernel)
+        return fn
+
+    return wrap
+
+
+@torch.library.register_fake(OP)
+def _fake(x, packed, absmax, quant_map, out_features, in_features, blocksize=64, bias=None,
+          nested_absmax=None, nested_quant_map=None, nested_offset=None, nested_blocksize=None):
     torch._check(x.is_floating_point(), lambda: f"x must be floating point, got {x.dtype}")
     torch._check(x.dim() >= 1, lambda: "x must have at least one dimension")
-    torch._check(
-        x.shape[-1] == in_features,
-        lambda: f"x's last dim {x.shape[-1]} != in_features {in_features}",
-    )
+    torch._check(x.shape[-1] == in_features, lambda: f"x's last dim {x.shape[-1]} != in_features {in_features}")
     torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
     n = out_features * in_features
     torch._check(packed.numel() == (n + 1) // 2, lambda: f"packed has {packed.numel()} bytes, expected {(n + 1) // 2}")
     torch._check(absmax.numel() == -(-n // blocksize), lambda: f"absmax has {absmax.numel()} entries, expected {-(-n // blocksize)}")
-    torch._check(code.dim() == 1 and code.numel() <= 16, lambda: "code must be 1-D with <= 16 levels")
-    if dq_scales is None:
+    torch._check(quant_map.dim() == 1 and quant_map.numel() <= 16, lambda: "quant_map must be 1-D with <= 16 levels")
+    if nested_absmax is None:
         torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
     else:
         torch._check(absmax.dtype == torch.uint8, lambda: "double-quantized absmax codes must be uint8")
+        torch._check(nested_quant_map is not None and nested_offset is not None, lambda: "nested parts must come together")
     if bias is not None:
         torch._check(bias.shape == (out_features,), lambda: f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _absmax_f32(absmax, dq_scales, dq_offset, dq_code, dq_blocksize):
-    if dq_scales is None:
-        return absmax
-    return dequantize_parts(absmax, dq_scales, dq_offset, dq_code, dq_blocksize)
+# ----------------------------------------------------------------------------- autograd
+# The 4-bit weight is frozen: gradients flow to x and bias only.
+#     dL/dx = dL/dy @ W        dL/dbias = sum of dL/dy over the leading dims
+# Only the stored 4-bit parts are saved; backward dequantizes again, so no full-size
+# weight outlives the forward.
 
 
-def dequantized_weight(packed, absmax, code, out_features, in_features, blocksize, dq_scales, dq_offset, dq_code, dq_blocksize, dtype):
-    """The full (out, in) weight in ``dtype``: used by the default kernel and by backward."""
-    from ._quant import _dequantize_pure
-
-    am = _absmax_f32(absmax, dq_scales, dq_offset, dq_code, dq_blocksize)
-    n = out_features * in_features
-    return _dequantize_pure(packed, am, code.float(), n, blocksize, dtype).view(out_features, in_features)
+def _grad_x(grad: Tensor, q: QuantizedTensor, x_dtype) -> Tensor:
+    return (grad @ dequantize(q, grad.dtype)).to(x_dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    x, packed, absmax, code, out_f, in_f, bs, bias, dq_scales, dq_offset, dq_code, dq_bs = inputs
-    # Only the stored 4-bit parts are saved: backward dequantizes again.
-    ctx.save_for_backward(packed, absmax, code, dq_scales, dq_offset, dq_code)
-    ctx.meta = (out_f, in_f, bs, dq_bs, x.dtype, bias is not None)
+_WEIGHT_ARGS = ("packed", "absmax", "quant_map", "out_features", "in_features", "blocksize")
+_NESTED_ARGS = ("nested_absmax", "nested_quant_map", "nested_offset", "nested_blocksize")
 
 
-def _backward(ctx, grad):
-    packed, absmax, code, dq_scales, dq_offset, dq_code = ctx.saved_tensors
-    out_f, in_f, bs, dq_bs, x_dtype, has_bias = ctx.meta
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        w = dequantized_weight(packed, absmax, code, out_f, in_f, bs, dq_scales, dq_offset, dq_code, dq_bs, grad.dtype)
-        grad_x = (grad @ w).to(x_dtype)  # dL/dx = dL/dy @ W
-    if has_bias and ctx.needs_input_grad[7]:
-        grad_bias = grad.reshape(-1, out_f).sum(0)
-    return grad_x, None, None, None, None, None, None, grad_bias, None, None, None, None
+def _op_setup_context(ctx, inputs, output):
+    x, packed, absmax, quant_map, out_f, in_f, bs, bias, n_abs, n_map, n_off, n_bs = inputs
+    ctx.save_for_backward(packed, absmax, quant_map, n_abs, n_map, n_off)
+    ctx.meta = (out_f, in_f, bs, n_bs, x.dtype, bias is not None)
 
 
-_quantized_linear_op.register_autograd(_backward, setup_context=_setup_context)
+def _op_backward(ctx, grad):
+    packed, absmax, quant_map, n_abs, n_map, n_off = ctx.saved_tensors
+    out_f, in_f, bs, n_bs, x_dtype, has_bias = ctx.meta
+    q = record_from_args(packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs)
+    grad_x = _grad_x(grad, q, x_dtype) if ctx.needs_input_grad[0] else None
+    grad_bias = grad.reshape(-1, out_f).sum(0) if has_bias and ctx.needs_input_grad[7] else None
+    return (grad_x,) + (None,) * 6 + (grad_bias,) + (None,) * 4
 
 
-@_quantized_linear_op.register_vmap
-def _(info, in_dims, x, packed, absmax, code, out_f, in_f, bs, bias, dq_scales, dq_offset, dq_code, dq_bs):
-    x_dim, *rest = in_dims
-    if all(d is None for d in rest):
+torch.library.register_autograd(OP, _op_backward, setup_context=_op_setup_context)
+
+
+@torch.library.register_vmap(OP)
+def _vmap(info, in_dims, x, packed, absmax, quant_map, out_f, in_f, bs=64, bias=None,
+          n_abs=None, n_map=None, n_off=None, n_bs=None):
+    # The dispatcher drops trailing arguments left at their defaults: pad their dims.
+    x_dim, p_dim, a_dim, m_dim, _, _, _, b_dim, na_dim, nm_dim, no_dim, _ = tuple(in_dims) + (None,) * (12 - len(in_dims))
+    if all(d is None for d in (p_dim, a_dim, m_dim, b_dim, na_dim, nm_dim, no_dim)):
         # Only x is batched: a linear layer already maps over leading dims.
         x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
-        out = _quantized_linear_op(x, packed, absmax, code, out_f, in_f, bs, bias, dq_scales, dq_offset, dq_code, dq_bs)
-        return out, 0
+        return _op(x, packed, absmax, quant_map, out_f, in_f, bs, bias, n_abs, n_map, n_off, n_bs), 0
     # A batched weight or bias: one call per batch element.
-    args = [x, packed, absmax, code, bias, dq_scales, dq_offset, dq_code]
-    # rest: packed, absmax, code, out_f, in_f, bs, bias, dq_scales, dq_offset, dq_code, dq_bs
-    dims = [x_dim, rest[0], rest[1], rest[2], rest[6], rest[7], rest[8], rest[9]]
+    args = (x, packed, absmax, quant_map, bias, n_abs, n_map, n_off)
+    dims = (x_dim, p_dim, a_dim, m_dim, b_dim, na_dim, nm_dim, no_dim)
     outs = []
     for i in range(info.batch_size):
         a = [t if d is None or t is None else t.select(d, i) for t, d in zip(args, dims)]
-        outs.append(_quantized_linear_op(a[0], a[1], a[2], a[3], out_f, in_f, bs, a[4], a[5], a[6], a[7], dq_bs))
+        outs.append(_op(a[0], a[1], a[2], a[3], out_f, in_f, bs, a[4], a[5], a[6], a[7], n_bs))
     return torch.stack(outs), 0
 
 
-def op_args(q: QuantizedTensor):
-    """The op's weight arguments for a 2-D QuantizedTensor, in schema order after ``x``."""
-    out_f, in_f = q.shape
-    if isinstance(q.absmax, DoubleQuantized):
-        d = q.absmax
-        return q.packed, d.codes, q.code, out_f, in_f, q.blocksize, d.scales, d.offset, d.code, d.blocksize
-    return q.packed, q.absmax, q.code, out_f, in_f, q.blocksize, None, None, None, 256
+class _Linear(torch.autograd.Function):
+    """The op with an autograd formula that torch.func composes with (grad, vjp, jacrev,
+    jvp, vmap of either): custom ops' own autograd does not compose with torch.func."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, bias, packed, absmax, quant_map, n_abs, n_map, n_off, meta):
+        out_f, in_f, bs, n_bs = meta
+        return _op(x, packed, absmax, quant_map, out_f, in_f, bs, bias, n_abs, n_map, n_off, n_bs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, bias, packed, absmax, quant_map, n_abs, n_map, n_off, meta = inputs
+        weight = (packed, absmax, quant_map, n_abs, n_map, n_off)
+        ctx.save_for_backward(*weight)
+        ctx.save_for_forward(*weight)  # forward mode multiplies by the same (constant) weight
+        ctx.meta, ctx.x_dtype, ctx.has_bias = meta, x.dtype, bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, absmax, quant_map, n_abs, n_map, n_off = ctx.saved_tensors
+        out_f, in_f, bs, n_bs = ctx.meta
+        q = record_from_args(packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs)
+        grad_x = _grad_x(grad, q, ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, out_f).sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, None, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, bias_t, *_):
+        # y is linear in x and bias: dy = dx @ W.T + dbias (the weight's tangent is zero)
+        packed, absmax, quant_map, n_abs, n_map, n_off = ctx.saved_tensors
+        out_f, in_f, bs, n_bs = ctx.meta
+        y_t = _op(x_t, packed, absmax, quant_map, out_f, in_f, bs, None, n_abs, n_map, n_off, n_bs)
+        return y_t if bias_t is None else y_t + bias_t
+
+
+def linear_parts(x: Tensor, parts: dict, bias: Optional[Tensor]) -> Tensor:
+    """``x @ W.T + bias`` for a weight given as the op's named arguments (see :func:`op_args`);
+    differentiable in ``x`` and ``bias`` under autograd and torch.func."""
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace an autograd.Function with a custom jvp; the op's own autograd
+        # formula (the same one) serves compiled training.
+        return _op(x, bias=bias, **parts)
+    meta = (parts["out_features"], parts["in_features"], parts["blocksize"], parts.get("nested_blocksize"))
+    return _Linear.apply(
+        x, bias, parts["packed"], parts["absmax"], parts["quant_map"],
+        parts.get("nested_absmax"), parts.get("nested_quant_map"), parts.get("nested_offset"), meta,
+    )
+
+
+def check_linear_input(x, in_features: int, device, where: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: x must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: x must be a floating point tensor (fp32, fp16 or bf16), got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{where}: x's last dimension {tuple(x.shape)[-1:] or '()'} does not match in_features {in_features}")
+    if x.device != device:
+        raise ValueError(f"{where}: x is on {x.device} but the quantized weight is on {device}")
 
 
 def quantized_linear(x: Tensor, q: QuantizedTensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -139,8 +212,14 @@ def quantized_linear(x: Tensor, q: QuantizedTensor, bias: Optional[Tensor] = Non
         bias: optional ``(out_features,)``.
 
     Returns:
-        ``(..., out_features)`` in ``x.dtype``. Differentiable in ``x`` and ``bias``;
-        the 4-bit weight is frozen.
+        ``(..., out_features)`` in ``x.dtype``. Differentiable in ``x`` and ``bias``
+        (autograd and ``torch.func``: grad, vjp, jvp, jacrev, vmap); the 4-bit weight
+        is frozen.
+
+    Raises:
+        TypeError: ``x`` is not a floating point tensor (an integer or bool input would
+            otherwise be silently truncated), or ``q`` is not a record.
+        ValueError: shapes or devices do not fit.
 
     Example:
         >>> q = nf4lib.quantize(torch.randn(256, 128))
@@ -149,19 +228,13 @@ def quantized_linear(x: Tensor, q: QuantizedTensor, bias: Optional[Tensor] = Non
     """
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if len(q.shape) != 2:
         raise ValueError(f"q must be a 2-D weight (out_features, in_features), got shape {q.shape}")
     out_f, in_f = q.shape
-    if x.dim() == 0 or x.shape[-1] != in_f:
-        raise ValueError(f"x's last dimension {tuple(x.shape)[-1:] or '()'} does not match in_features {in_f} of the weight {q.shape}")
-    if x.device != q.packed.device:
-        raise ValueError(f"x is on {x.device} but the quantized weight is on {q.packed.device}")
+    check_linear_input(x, in_f, q.packed.device, "quantized_linear")
     if bias is not None:
         if bias.shape != (out_f,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},) for out_features {out_f}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    packed, absmax, code, o, i, bs, dq_s, dq_o, dq_c, dq_bs = op_args(q)
-    return _quantized_linear_op(x, packed, absmax, code, o, i, bs, bias, dq_s, dq_o, dq_c, dq_bs)
+    return linear_parts(x, op_args(q), bias)

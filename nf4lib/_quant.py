@@ -17,12 +17,12 @@ import torch
 
 from . import _compiled
 from ._codebooks import CODE_NAMES, build_search_tables, named_code, named_thresholds, named_to_storage, resolve_code
-from ._double import double_dequantize, double_quantize
+from ._double import double_quantize
 from ._halves import run_halves
 from ._hugepages import empty_large
-from ._records import DoubleQuantized, QuantizedTensor
+from ._records import QuantizedTensor
 
-__all__ = ["quantize", "dequantize", "bits_per_parameter", "check_blocksize", "pair_table", "dequantize_blocks_into"]
+__all__ = ["quantize", "dequantize", "bits_per_parameter", "check_blocksize", "validate", "pair_table", "dequantize_blocks_into"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Eager work is done this many elements at a time, so temporaries stay small
@@ -67,30 +67,51 @@ def _raise_not_finite(flat: torch.Tensor, blocksize: int) -> None:
     )
 
 
-def _quantize_rows(rows: torch.Tensor, thresholds: torch.Tensor, to_storage, identity: bool):
-    """Quantize full blocks: ``rows`` (n_blocks, blocksize) any float dtype -> (packed, absmax)."""
+def _levels_below(scaled: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Sorted level index of each value: ``#{t : t < v}`` over the 15 (+inf padded)
+    thresholds, so a value exactly on a threshold goes to the lower level (bitsandbytes'
+    rule). Written as 15 compare-adds rather than ``bucketize`` so inductor fuses it into
+    one loop; eagerly the two are about as fast."""
+    q = (scaled > thresholds[0]).to(torch.int32)
+    for k in range(1, 15):
+        q = q + (scaled > thresholds[k]).to(torch.int32)
+    return q
+
+
+def _pack(q: torch.Tensor) -> torch.Tensor:
+    q = q.reshape(-1, 2)
+    return ((q[:, 0] << 4) | q[:, 1]).to(torch.uint8)  # even element in the high nibble
+
+
+def _quantize_rows(rows: torch.Tensor, thresholds: torch.Tensor, to_storage):
+    """Quantize full blocks: ``rows`` (n_blocks, blocksize) any float dtype -> (packed, absmax).
+
+    ``to_storage`` maps sorted level index to storage index, None when they agree (every
+    codebook but FP4; the gather costs ~2x). The one row kernel: ``_compiled`` fuses it.
+    """
     rows = rows.float()
     absmax = rows.abs().amax(dim=1)
     scaled = (rows * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
-    q = torch.bucketize(scaled, thresholds, out_int32=True)
-    if not identity:
-        q = to_storage[q]
-    q = q.reshape(-1, 2)
-    return ((q[:, 0] << 4) | q[:, 1]).to(torch.uint8), absmax
+    q = _levels_below(scaled, thresholds)
+    if to_storage is not None:
+        q = to_storage[q].to(torch.int32)
+    return _pack(q), absmax
 
 
-def _quantize_tail(tail: torch.Tensor, thresholds, to_storage, identity: bool):
+_fused_rows = _compiled.compiled(_quantize_rows)
+
+
+def _quantize_tail(tail: torch.Tensor, thresholds, to_storage):
     """The partial last block: bitsandbytes divides here, clamps absmax at 1e-38, and pads one 0."""
     tail = tail.float()
     am = tail.abs().amax().clamp(min=1e-38)
     scaled = (tail / am).clamp(-1, 1)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    q = torch.bucketize(scaled, thresholds, out_int32=True)
-    if not identity:
-        q = to_storage[q]
-    q = q.reshape(-1, 2)
-    return ((q[:, 0] << 4) | q[:, 1]).to(torch.uint8), am.reshape(1)
+    q = _levels_below(scaled, thresholds)
+    if to_storage is not None:
+        q = to_storage[q].to(torch.int32)
+    return _pack(q), am.reshape(1)
 
 
 def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: bool = False) -> QuantizedTensor:
@@ -132,7 +153,8 @@ def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: 
             identity = True  # validated sorted, so storage order is sorted order
         thresholds, to_storage = build_search_tables(levels)
     device = x.device
-    thresholds, to_storage = thresholds.to(device), to_storage.to(device)
+    thresholds = thresholds.to(device)
+    storage = None if identity else to_storage.to(device)
     flat = x.detach().reshape(-1)
     n = flat.numel()
     full = n - n % blocksize
@@ -154,12 +176,12 @@ def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: 
     if full:
         rows = flat[:full].view(-1, blocksize)
         fused = n >= _COMPILE_MIN and in_place and _compiled.enabled()
-        kernel = _compiled.quantize_rows if fused else _quantize_rows
+        kernel = _fused_rows if fused else _quantize_rows
         step = max(1, (2 * _CHUNK if fused else _CHUNK) // blocksize)
         for s in range(0, rows.shape[0], step):
-            emit(*kernel(rows[s : s + step], thresholds, to_storage, identity), s)
+            emit(*kernel(rows[s : s + step], thresholds, storage), s)
     if n > full:
-        emit(*_quantize_tail(flat[full:], thresholds, to_storage, identity), full // blocksize)
+        emit(*_quantize_tail(flat[full:], thresholds, storage), full // blocksize)
     if not in_place and packed_parts:
         packed, absmax = torch.cat(packed_parts), torch.cat(absmax_parts)
     # A NaN or Inf anywhere makes its block's absmax NaN or Inf: check the small vector.
@@ -169,33 +191,26 @@ def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: 
     return QuantizedTensor(packed, stored, levels.to(device), tuple(x.shape), x.dtype, blocksize)
 
 
-def _absmax_f32(q: QuantizedTensor) -> torch.Tensor:
-    return double_dequantize(q.absmax) if isinstance(q.absmax, DoubleQuantized) else q.absmax
-
-
-def _validate(q: QuantizedTensor) -> None:
+def validate(q: QuantizedTensor, where: str = "dequantize") -> None:
+    """Check that a record's tensors fit its shape and blocksize (once, at the boundary)."""
     if not isinstance(q, QuantizedTensor):
-        raise TypeError(f"dequantize expects a QuantizedTensor, got {type(q).__name__}")
-    n, bs = q.numel, q.blocksize
+        raise TypeError(f"{where} expects a QuantizedTensor, got {type(q).__name__}")
+    n = q.numel
     if q.packed.dtype != torch.uint8 or q.packed.dim() != 1 or q.packed.numel() != (n + 1) // 2:
         raise ValueError(
-            f"packed must be uint8 of shape ({(n + 1) // 2},) for shape {q.shape}, "
+            f"{where}: packed must be uint8 of shape ({(n + 1) // 2},) for shape {q.shape}, "
             f"got {q.packed.dtype} {tuple(q.packed.shape)}"
         )
-    n_blocks = -(-n // bs)
-    am = q.absmax.codes if isinstance(q.absmax, DoubleQuantized) else q.absmax
-    if am.dim() != 1 or am.numel() != n_blocks:
-        raise ValueError(
-            f"absmax must have {n_blocks} entries for shape {q.shape} at blocksize {bs}, got {tuple(am.shape)}"
-        )
-    if isinstance(q.absmax, DoubleQuantized):
-        groups = -(-n_blocks // q.absmax.blocksize)
-        if q.absmax.scales.numel() != groups:
-            raise ValueError(f"double-quant scales must have {groups} entries, got {tuple(q.absmax.scales.shape)}")
+    q.scales.check(q.n_blocks, f"{where} (shape {q.shape}, blocksize {q.blocksize})")
     if q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"QuantizedTensor.dtype must be fp32/fp16/bf16, got {q.dtype}")
+        raise ValueError(f"{where}: QuantizedTensor.dtype must be fp32/fp16/bf16, got {q.dtype}")
     if q.code.dim() != 1 or not 1 <= q.code.numel() <= 16:
-        raise ValueError(f"code must be 1-D with 1..16 levels, got shape {tuple(q.code.shape)}")
+        raise ValueError(f"{where}: code must be 1-D with 1..16 levels, got shape {tuple(q.code.shape)}")
+
+
+def check_output_dtype(dtype) -> None:
+    if dtype not in _FLOAT_DTYPES + (torch.float64,):
+        raise ValueError(f"dtype must be a floating point dtype (float32, float16, bfloat16, float64), got {dtype!r}")
 
 
 def _dequantize_pure(packed, absmax, code, n: int, blocksize: int, dtype) -> torch.Tensor:
@@ -265,13 +280,15 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
         Tensor of shape ``q.shape``, equal to bitsandbytes ``dequantize_4bit`` bit for bit.
 
     Raises:
-        ValueError: ``packed`` / ``absmax`` do not fit ``shape`` and ``blocksize``.
+        ValueError: ``packed`` / ``absmax`` do not fit ``shape`` and ``blocksize``, or
+            ``dtype`` is not a floating point dtype.
     """
     if not _transforms_active():
-        _validate(q)
+        validate(q)
     dtype = q.dtype if dtype is None else dtype
+    check_output_dtype(dtype)
     n = q.numel
-    absmax = _absmax_f32(q)
+    absmax = q.scales.dequantize()
     code = q.code.to(torch.float32)
     if n == 0:
         return torch.empty(q.shape, dtype=dtype, device=q.packed.device)
@@ -288,10 +305,4 @@ def bits_per_parameter(q: QuantizedTensor) -> float:
 
     4.5 at blocksize 64; 4.127 with double quantization (4 + 8/64 + 32/(64*256)).
     """
-    n = max(q.numel, 1)
-    bits = q.packed.numel() * 8
-    if isinstance(q.absmax, DoubleQuantized):
-        bits += q.absmax.codes.numel() * 8 + q.absmax.scales.numel() * 32 + 32
-    else:
-        bits += q.absmax.numel() * 32
-    return bits / n
+    return (q.packed.numel() * 8 + q.scales.stored_bits) / max(q.numel, 1)

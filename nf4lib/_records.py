@@ -2,17 +2,60 @@
 
 Tensors are pytree children; shape, dtype and blocksize are static context, so
 ``torch.func.vmap`` and ``torch.compile`` see only tensors.
+
+The per-block scale of a 4-bit weight is stored one of two ways: a float32 absmax per
+block (:class:`PlainAbsmax`), or that vector itself quantized to 8 bits
+(:class:`DoubleQuantized`). Both answer the same small interface, so no caller asks
+which one it holds:
+
+    ``dequantize()`` -> float32 ``(n_blocks,)``;  ``n_blocks``;  ``stored_bits``;
+    ``check(n_blocks, where)``;  ``to(device, copy=)``;  ``op_parts()`` (the op's arguments)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["QuantizedTensor", "DoubleQuantized"]
+__all__ = ["QuantizedTensor", "DoubleQuantized", "PlainAbsmax", "block_scales", "scales_from_parts"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainAbsmax:
+    """One float32 absmax per 4-bit block: ``absmax_f32[i] = values[i]``."""
+
+    values: torch.Tensor
+
+    @property
+    def per_block(self) -> torch.Tensor:
+        """The tensor with one entry per block (what bitsandbytes saves as ``.absmax``)."""
+        return self.values
+
+    @property
+    def n_blocks(self) -> int:
+        return self.values.numel()
+
+    @property
+    def stored_bits(self) -> int:
+        return 32 * self.values.numel()
+
+    def dequantize(self) -> torch.Tensor:
+        return self.values
+
+    def check(self, n_blocks: int, where: str) -> None:
+        v = self.values
+        if v.dtype != torch.float32 or v.dim() != 1 or v.numel() != n_blocks:
+            raise ValueError(f"{where}: absmax must be float32 ({n_blocks},), got {v.dtype} {tuple(v.shape)}")
+
+    def to(self, device, *, copy: bool = False) -> torch.Tensor:
+        # A plain absmax lives in records as the bare tensor.
+        return self.values.to(device, copy=copy)
+
+    def op_parts(self) -> dict:
+        return {"absmax": self.values}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +78,38 @@ class DoubleQuantized:
     code: torch.Tensor
     blocksize: int = 256
 
+    @property
+    def per_block(self) -> torch.Tensor:
+        return self.codes
+
+    @property
+    def n_blocks(self) -> int:
+        return self.codes.numel()
+
+    @property
+    def stored_bits(self) -> int:
+        # codes, one float32 scale per group, the float32 offset (the map is a shared constant)
+        return 8 * self.codes.numel() + 32 * self.scales.numel() + 32
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 absmax: ``code[codes] * scales[i // blocksize] + offset``."""
+        n = self.codes.numel()
+        pad = (-n) % self.blocksize
+        values = self.code[self.codes.long()]
+        scaled = torch.nn.functional.pad(values, (0, pad)).view(-1, self.blocksize) * self.scales[:, None]
+        return scaled.reshape(-1)[:n] + self.offset
+
+    def check(self, n_blocks: int, where: str) -> None:
+        if self.codes.dtype != torch.uint8 or self.codes.dim() != 1 or self.codes.numel() != n_blocks:
+            raise ValueError(f"{where}: double-quant codes must be uint8 ({n_blocks},), got {self.codes.dtype} {tuple(self.codes.shape)}")
+        groups = -(-n_blocks // self.blocksize)
+        if self.scales.dtype != torch.float32 or self.scales.numel() != groups:
+            raise ValueError(f"{where}: double-quant scales must be float32 ({groups},), got {self.scales.dtype} {tuple(self.scales.shape)}")
+        if self.code.dtype != torch.float32 or self.code.numel() != 256:
+            raise ValueError(f"{where}: the 8-bit map must be float32 (256,), got {self.code.dtype} {tuple(self.code.shape)}")
+        if self.offset.numel() != 1:
+            raise ValueError(f"{where}: the double-quant offset must be one value, got shape {tuple(self.offset.shape)}")
+
     def to(self, device, *, copy: bool = False) -> "DoubleQuantized":
         """A record on ``device`` (this one is never changed); ``copy=True`` copies the
         tensors even where they already are, as ``Tensor.to(copy=True)`` does."""
@@ -45,6 +120,36 @@ class DoubleQuantized:
             offset=self.offset.to(device, copy=copy),
             code=self.code.to(device, copy=copy),
         )
+
+    def op_parts(self) -> dict:
+        return {
+            "absmax": self.codes,
+            "nested_absmax": self.scales,
+            "nested_quant_map": self.code,
+            "nested_offset": self.offset,
+            "nested_blocksize": self.blocksize,
+        }
+
+
+Absmax = Union[torch.Tensor, DoubleQuantized]
+
+
+def block_scales(absmax: Absmax) -> Union[PlainAbsmax, DoubleQuantized]:
+    """The scale interface for a record's ``absmax`` field (a tensor or a DoubleQuantized)."""
+    return absmax if isinstance(absmax, DoubleQuantized) else PlainAbsmax(absmax)
+
+
+def scales_from_parts(
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor] = None,
+    nested_quant_map: Optional[torch.Tensor] = None,
+    nested_offset: Optional[torch.Tensor] = None,
+    nested_blocksize: Optional[int] = None,
+) -> Absmax:
+    """A record's ``absmax`` field from its loose parts (the op's arguments, a state dict)."""
+    if nested_absmax is None:
+        return absmax
+    return DoubleQuantized(absmax, nested_absmax, nested_offset, nested_quant_map, nested_blocksize or 256)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +175,7 @@ class QuantizedTensor:
     """
 
     packed: torch.Tensor
-    absmax: Union[torch.Tensor, DoubleQuantized]
+    absmax: Absmax
     code: torch.Tensor
     shape: tuple
     dtype: torch.dtype
@@ -84,8 +189,17 @@ class QuantizedTensor:
         return n
 
     @property
+    def n_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
     def double_quant(self) -> bool:
         return isinstance(self.absmax, DoubleQuantized)
+
+    @property
+    def scales(self) -> Union[PlainAbsmax, DoubleQuantized]:
+        """The per-block scales through their common interface (see the module docstring)."""
+        return block_scales(self.absmax)
 
     @property
     def device(self) -> torch.device:
@@ -97,7 +211,7 @@ class QuantizedTensor:
         return dataclasses.replace(
             self,
             packed=self.packed.to(device, copy=copy),
-            absmax=self.absmax.to(device, copy=copy),
+            absmax=self.scales.to(device, copy=copy),
             code=self.code.to(device, copy=copy),
         )
 

@@ -55,12 +55,16 @@ def test_from_linear_leaves_the_input_alone_and_copies_the_bias():
     assert torch.equal(lin.weight, w) and torch.equal(lin.bias, b)
     assert layer.bias.data_ptr() != lin.bias.data_ptr()
     assert isinstance(layer, nn.Linear)  # PEFT and layer scans treat it as a linear layer
-    assert [n for n, _ in layer.named_parameters()] == ["bias"]  # the 4-bit weight is buffers only
+    # the 4-bit weight is a frozen Parameter (an NF4Tensor), so parameter scans see it
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
+    assert isinstance(layer.weight, nn.Parameter) and isinstance(layer.weight, nf4lib.NF4Tensor)
+    assert not layer.weight.requires_grad and layer.weight.shape == (64, 128)
 
 
 def test_no_full_precision_weight_is_held():
     layer = nf4lib.NF4Linear.from_linear(_linear(256, 512))
-    held = sum(t.numel() * t.element_size() for t in list(layer.buffers()) + [layer.bias])
+    w = layer.weight
+    held = sum(t.numel() * t.element_size() for t in w._inner().values()) + layer.bias.numel() * 4
     assert held < 256 * 512 * 4 / 6  # fp32 weight would be 512 KiB; 4-bit + absmax is ~74 KiB
 
 
@@ -87,10 +91,12 @@ def test_to_device_moves_the_4bit_data_and_keeps_dtypes():
     layer = nf4lib.NF4Linear.from_linear(_linear(), double_quant=True)
     dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
     moved = layer.to("meta")  # the only other device CI has; CUDA/XPU take the same path
-    assert all(t.is_meta for t in moved.buffers()) and moved.bias.is_meta
+    w = moved.weight
+    assert isinstance(w, nf4lib.NF4Tensor) and w.is_meta and moved.bias.is_meta
+    assert all(t.is_meta for t in w._inner().values())
     assert moved.compute_dtype == torch.float32
-    assert {k: b.dtype for k, b in moved.named_buffers()} == {
-        "weight": torch.uint8, "absmax": torch.uint8, "quant_map": torch.float32,
+    assert {k: t.dtype for k, t in w._inner().items()} == {
+        "packed": torch.uint8, "absmax": torch.uint8, "quant_map": torch.float32,
         "nested_absmax": torch.float32, "nested_quant_map": torch.float32, "nested_offset": torch.float32,
     }
     assert dtypes["weight.absmax"] == torch.uint8

@@ -57,12 +57,11 @@ def test_partial_blocks_straddling_rows():
 def test_cpu_kernel_against_default_kernel(m, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_TILE_ELEMS", 4096)  # force several tiles
     q = nf4lib.quantize(torch.randn(300, 256), double_quant=True)
-    a = op_args(q)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(m, 256).to(dtype)
         b = torch.randn(300).to(dtype)
-        y = cpu_kernel.forward(x, *a[:6], b, *a[6:])
-        r = default.forward(x, *a[:6], b, *a[6:])
+        y = cpu_kernel.linear(x, q, b)
+        r = default.linear(x, q, b)
         assert rel_err(y, r) <= TOL[dtype]
 
 
@@ -78,8 +77,7 @@ def test_opcheck(x_shape, w_shape, dq, with_bias, dtype):
     q = nf4lib.quantize(torch.randn(w_shape), double_quant=dq)
     x = torch.randn(x_shape, dtype=dtype, requires_grad=True)
     bias = torch.randn(w_shape[0], dtype=dtype, requires_grad=True) if with_bias else None
-    a = op_args(q)
-    torch.library.opcheck(OP, (x, *a[:6], bias, *a[6:]))
+    torch.library.opcheck(OP, (x,), dict(op_args(q), bias=bias))
 
 
 def test_fake_kernel_shapes_without_data():
@@ -191,13 +189,12 @@ def test_xpu_and_cuda_fallback_without_triton(monkeypatch):
     monkeypatch.setattr(triton_kernels, "HAVE_TRITON", False)
     q = nf4lib.quantize(torch.randn(24, 64), double_quant=True)
     x = torch.randn(3, 64)
-    y = triton_kernels.forward(x, *op_args(q)[:6], None, *op_args(q)[6:])
+    y = triton_kernels.linear(x, q, None)
     assert rel_err(y, expected(x, q, None)) <= 1e-6
 
 
 _INTERPRETER_SCRIPT = r"""
 import json, torch, nf4lib
-from nf4lib._ops import op_args
 from nf4lib.backends import cpu, triton_kernels as tk
 assert tk.HAVE_TRITON
 torch.manual_seed(0)
@@ -206,11 +203,10 @@ cases = [(1, torch.float32, False, 64, "nf4"), (3, torch.bfloat16, True, 32, "nf
          (40, torch.float32, True, 64, "nf4"), (33, torch.bfloat16, False, 128, "int4"), (17, torch.float16, True, 32, "nf4")]
 for m, dtype, dq, bs, code in cases:
     q = nf4lib.quantize(torch.randn(72, 160), blocksize=bs, code=code, double_quant=dq)
-    a = op_args(q)
     x = torch.randn(m, 160).to(dtype)
     b = torch.randn(72).to(dtype)
-    y = tk.forward(x, *a[:6], b, *a[6:])
-    r = cpu.forward(x, *a[:6], b, *a[6:])
+    y = tk.linear(x, q, b)
+    r = cpu.linear(x, q, b)
     results.append([m, str(dtype), ((y.float() - r.float()).norm() / r.float().norm()).item(), list(y.shape) == [m, 72], y.dtype == dtype])
 print(json.dumps(results))
 """

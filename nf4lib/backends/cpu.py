@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .. import _ops
+from .._ops import register_kernel
 from .._quant import dequantize_blocks_into, pair_table
 from . import default
 
@@ -22,12 +22,14 @@ def _compute_dtype(x: torch.Tensor, m: int) -> torch.dtype:
     return x.dtype
 
 
-@torch.library.register_kernel("nf4lib::quantized_linear", "cpu")
-def forward(x, packed, absmax, code, out_f, in_f, bs, bias, dq_scales, dq_offset, dq_code, dq_bs):
-    n = out_f * in_f
+@register_kernel("cpu")
+def linear(x, q, bias):
+    out_f, in_f = q.shape
+    n, bs = q.numel, q.blocksize
     if n % bs or n == 0 or x.numel() == 0:  # a partial block straddles rows: use the reference
-        return default.forward(x, packed, absmax, code, out_f, in_f, bs, bias, dq_scales, dq_offset, dq_code, dq_bs)
-    am = _ops._absmax_f32(absmax, dq_scales, dq_offset, dq_code, dq_bs)
+        return default.linear(x, q, bias)
+    am = q.scales.dequantize()
+    packed = q.packed
     x2 = x.reshape(-1, in_f)
     m = x2.shape[0]
     dtype = _compute_dtype(x, m)
@@ -35,7 +37,7 @@ def forward(x, packed, absmax, code, out_f, in_f, bs, bias, dq_scales, dq_offset
     # rows per tile: a multiple of the rows that make whole blocks
     unit = bs // math.gcd(in_f, bs)
     rows = max(unit, (_TILE_ELEMS // in_f) // unit * unit)
-    table = pair_table(code.float())
+    table = pair_table(q.code.float())
     buf = torch.empty(min(rows, out_f) * in_f, dtype=dtype, device=x.device)
     out_t = torch.empty(out_f, m, dtype=dtype, device=x.device)  # y.T: each tile fills whole rows
     for r0 in range(0, out_f, rows):

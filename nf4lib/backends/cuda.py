@@ -1,7 +1,6 @@
 """CUDA: the Triton kernel family (dequantize + matmul fallback without Triton)."""
 
-import torch
-
+from .._ops import register_kernel
 from . import triton_kernels
 
-torch.library.register_kernel("nf4lib::quantized_linear", "cuda", triton_kernels.forward)
+register_kernel("cuda")(triton_kernels.linear)

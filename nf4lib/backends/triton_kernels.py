@@ -11,7 +11,6 @@ Runs on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``), as CI
 
 import torch
 
-from .. import _ops
 from . import default
 
 try:
@@ -81,11 +80,13 @@ if HAVE_TRITON:
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def forward(x, packed, absmax, code, out_f, in_f, bs, bias, dq_scales, dq_offset, dq_code, dq_bs):
+def linear(x, q, bias):
     """The CUDA and XPU kernel (also callable on CPU tensors under the Triton interpreter)."""
     if not HAVE_TRITON or x.numel() == 0:
-        return default.forward(x, packed, absmax, code, out_f, in_f, bs, bias, dq_scales, dq_offset, dq_code, dq_bs)
-    am = _ops._absmax_f32(absmax, dq_scales, dq_offset, dq_code, dq_bs).float().contiguous()
+        return default.linear(x, q, bias)
+    out_f, in_f = q.shape
+    packed, code, bs = q.packed, q.code, q.blocksize
+    am = q.scales.dequantize().float().contiguous()
     x2 = x.reshape(-1, in_f).contiguous()
     m = x2.shape[0]
     code16 = torch.zeros(16, dtype=torch.float32, device=x.device)

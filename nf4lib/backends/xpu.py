@@ -1,8 +1,7 @@
 """Intel GPUs (XPU, native ``torch.xpu``, PyTorch >= 2.5): the same Triton kernel family
 as CUDA, registered on the XPU dispatch key. Intel Extension for PyTorch is not used."""
 
-import torch
-
+from .._ops import register_kernel
 from . import triton_kernels
 
-torch.library.register_kernel("nf4lib::quantized_linear", "xpu", triton_kernels.forward)
+register_kernel("xpu")(triton_kernels.linear)

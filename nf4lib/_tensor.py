@@ -1,0 +1,441 @@
+"""Layer 5: ``NF4Tensor``, the 4-bit weight as a tensor PyTorch can see as a weight.
+
+A traceable wrapper tensor subclass: to PyTorch it is an ``(out_features, in_features)``
+tensor of the compute dtype (what ``F.linear`` multiplies in); inside it holds the
+fields of a :class:`QuantizedTensor` record under bitsandbytes' names::
+
+    packed            uint8 (ceil(n/2),)   two 4-bit codes per byte
+    absmax            float32 (n_blocks,)  or uint8 8-bit codes when double-quantized
+    quant_map         float32 (<=16,)      the codebook
+    nested_absmax     float32 (n_groups,)  } double quantization only
+    nested_quant_map  float32 (256,)       }
+    nested_offset     float32 ()           }
+
+    w[i] ~= quant_map[nibble(i)] * absmax[i // blocksize]
+
+What each operation does:
+
+* ``F.linear(x, w, b)``, ``x @ w.T``, ``torch.mm``/``addmm`` with ``w.T`` run
+  ``torch.ops.nf4lib.quantized_linear``: the weight is never materialised.
+* ``detach``, ``clone``, ``.to(device)`` (4 bits stay 4 bits), ``.to(dtype)`` (changes
+  only the compute dtype), ``copy_`` (from an NF4Tensor of the same layout, or from a
+  dense tensor, which is quantized with this tensor's settings), ``empty_like``,
+  ``pin_memory``, ``t``/``transpose``, pickling, ``torch.save``, ``copy.deepcopy``.
+* Any other op reads the weight: the NF4 arguments are dequantized and the op runs on
+  the dense weight, returning a plain tensor. An in-place op on the weight itself
+  (``normal_`` in a model's ``init_weights``) runs on the dense weight and quantizes
+  the result back into this tensor.
+
+``__tensor_flatten__`` / ``__tensor_unflatten__`` let torch.compile, AOTAutograd and
+torch.export trace it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map
+
+from ._codebooks import code_name as _code_name
+from ._interop import to_bnb
+from ._ops import check_linear_input, linear_parts, op_args
+from ._quant import dequantize, quantize, validate
+from ._records import QuantizedTensor, scales_from_parts
+
+__all__ = ["NF4Tensor"]
+
+aten = torch.ops.aten
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_NESTED = ("nested_absmax", "nested_quant_map", "nested_offset")
+_INNER = ("packed", "absmax", "quant_map") + _NESTED
+
+
+class Layout(NamedTuple):
+    """The static part of an NF4Tensor (its ``__tensor_flatten__`` context)."""
+
+    blocksize: int
+    nested_blocksize: Optional[int]  # None: plain float32 absmax
+    qdtype: torch.dtype  # the dtype the record was quantized from (bitsandbytes' "dtype")
+    code_name: str  # "nf4", "fp4", "int4" or "custom"
+    transposed: bool  # a ``w.t()`` view: outer shape (in, out)
+
+
+class _QuantStateKeys:
+    """``weight.quant_state.<family>__<type>``: the JSON entry of the state dict, reachable by
+    attribute as bitsandbytes' Params4bit allows, so tools that walk state-dict keys through
+    attributes (``torch.distributed.checkpoint.state_dict``) find every key."""
+
+    def __init__(self, key: str, value: torch.Tensor):
+        setattr(self, key, value)
+
+
+class NF4Tensor(torch.Tensor):
+    """A 4-bit NF4 (or FP4 / INT4 / custom codebook) weight as a ``torch.Tensor``.
+
+    Build one with :meth:`from_quantized` (or ``nf4lib.quantize`` then that); read the
+    record back with :attr:`quantized`, the dense weight with :meth:`dequantize`.
+
+    Example:
+        >>> w = NF4Tensor.from_quantized(nf4lib.quantize(torch.randn(64, 128)))
+        >>> w.shape, w.dtype
+        (torch.Size([64, 128]), torch.float32)
+        >>> F.linear(torch.randn(2, 128), w).shape   # runs nf4lib.quantized_linear
+        torch.Size([2, 64])
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    quant_map: torch.Tensor
+    nested_absmax: Optional[torch.Tensor]
+    nested_quant_map: Optional[torch.Tensor]
+    nested_offset: Optional[torch.Tensor]
+    qlayout: Layout
+
+    @staticmethod
+    def __new__(cls, inner: dict, layout: Layout, shape, dtype, requires_grad: bool = False):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=dtype, device=inner["packed"].device, requires_grad=requires_grad
+        )
+
+    def __init__(self, inner: dict, layout: Layout, shape, dtype, requires_grad: bool = False):
+        for name in _INNER:
+            setattr(self, name, inner.get(name))
+        self.qlayout = layout
+
+    # ------------------------------------------------------------------ record <-> tensor
+    @classmethod
+    def from_quantized(cls, q: QuantizedTensor, *, dtype: Optional[torch.dtype] = None, code_name: Optional[str] = None) -> "NF4Tensor":
+        """An NF4Tensor over a 2-D record's tensors (shared, not copied).
+
+        Args:
+            q: a 2-D :class:`QuantizedTensor` ``(out_features, in_features)``.
+            dtype: the compute dtype (the tensor's ``dtype``); default ``q.dtype``.
+            code_name: the codebook's name when ``q.code`` cannot be read (meta device).
+        """
+        if not isinstance(q, QuantizedTensor):
+            raise TypeError(f"from_quantized expects a QuantizedTensor, got {type(q).__name__}")
+        if len(q.shape) != 2:
+            raise ValueError(f"an NF4Tensor is a 2-D weight (out_features, in_features), got shape {q.shape}")
+        dtype = q.dtype if dtype is None else dtype
+        check_compute_dtype(dtype, "dtype")
+        if not q.packed.is_meta:
+            validate(q, "NF4Tensor")
+        parts = op_args(q)
+        inner = {k: parts.get(k) for k in _INNER}
+        if code_name is None:
+            code_name = "custom" if q.code.is_meta else (_code_name(q.code) or "custom")
+        layout = Layout(q.blocksize, parts.get("nested_blocksize"), q.dtype, code_name, False)
+        return cls(inner, layout, q.shape, dtype)
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        """The weight as a :class:`QuantizedTensor` record (tensors shared), in ``(out, in)`` order."""
+        lay = self.qlayout
+        scales = scales_from_parts(self.absmax, self.nested_absmax, self.nested_quant_map, self.nested_offset, lay.nested_blocksize)
+        shape = tuple(self.shape[::-1]) if lay.transposed else tuple(self.shape)
+        return QuantizedTensor(self.packed, scales, self.quant_map, shape, lay.qdtype, lay.blocksize)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense weight as a plain tensor, in ``dtype`` (default: this tensor's dtype)."""
+        w = dequantize(self.quantized, dtype or self.dtype)
+        return w.t() if self.qlayout.transposed else w
+
+    @property
+    def blocksize(self) -> int:
+        return self.qlayout.blocksize
+
+    @property
+    def double_quant(self) -> bool:
+        return self.qlayout.nested_blocksize is not None
+
+    @property
+    def quant_state(self) -> _QuantStateKeys:
+        """The ``quant_state.<family>__<type>`` state-dict entry, by attribute."""
+        ((key, value),) = [(k, v) for k, v in self._bnb_entries("w").items() if k.startswith("w.quant_state.")]
+        return _QuantStateKeys(key[len("w.quant_state."):], value)
+
+    def _bnb_entries(self, prefix: str) -> dict:
+        return to_bnb(self.quantized, prefix, code_name=self.qlayout.code_name)
+
+    def _inner(self) -> dict:
+        return {k: getattr(self, k) for k in _INNER if getattr(self, k) is not None}
+
+    def _rebuild(self, fn, *, dtype=None, layout=None) -> "NF4Tensor":
+        """A new NF4Tensor whose inner tensors are ``fn(t)`` of this one's."""
+        inner = {k: fn(t) for k, t in self._inner().items()}
+        lay = layout or self.qlayout
+        shape = self.shape if lay.transposed == self.qlayout.transposed else self.shape[::-1]
+        return NF4Tensor(inner, lay, shape, dtype or self.dtype)
+
+    # ------------------------------------------------------------------ tracing
+    def __tensor_flatten__(self):
+        return list(self._inner()), (self.qlayout, self.dtype)
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, context, outer_size, outer_stride):
+        layout, dtype = context
+        return NF4Tensor(inner_tensors, layout, outer_size, dtype)
+
+    def __repr__(self):
+        lay = self.qlayout
+        t = ", transposed" if lay.transposed else ""
+        return (
+            f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, code={lay.code_name}, "
+            f"blocksize={lay.blocksize}, double_quant={self.double_quant}{t})"
+        )
+
+    def _stable_hash_for_caching(self) -> str:
+        # AOTAutograd's cache key: everything static about this tensor, none of its data
+        inner = [(k, tuple(t.shape), str(t.dtype), t.device.type) for k, t in self._inner().items()]
+        text = repr((tuple(self.qlayout), tuple(self.shape), str(self.dtype), inner))
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild_nf4, (self._inner(), tuple(self.qlayout), tuple(self.shape), self.dtype, self.requires_grad))
+
+    # ------------------------------------------------------------------ dispatch
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if isinstance(w, NF4Tensor) and not w.qlayout.transposed and not isinstance(x, NF4Tensor):
+                return nf4_linear(x, w, b)
+        elif func in _MATMULS and len(args) == 2 and not kwargs:
+            x, w = args
+            if isinstance(w, NF4Tensor) and w.qlayout.transposed and not isinstance(x, NF4Tensor) and x.dim() >= 1:
+                if func not in _MM or x.dim() == 2:
+                    return nf4_linear(x, w.t(), None)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _HANDLERS.get(func)
+        if handler is not None:
+            out = handler(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        return _dense_fallback(func, args, kwargs)
+
+
+def _rebuild_nf4(inner, layout, shape, dtype, requires_grad):
+    t = NF4Tensor(inner, Layout(*layout), shape, dtype)
+    return t.requires_grad_(requires_grad) if requires_grad else t
+
+
+# torch.load(weights_only=True), the default, may rebuild NF4 weights: the rebuild only
+# wraps the tensors the file holds.
+torch.serialization.add_safe_globals([_rebuild_nf4])
+
+
+def check_compute_dtype(dtype, what: str = "compute_dtype") -> torch.dtype:
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"{what} must be torch.float32, torch.float16, torch.bfloat16 or torch.float64, got {dtype!r}")
+    return dtype
+
+
+def nf4_linear(x: torch.Tensor, w: NF4Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for an (untransposed) NF4Tensor ``w``, as ``nn.Linear`` would:
+    ``x`` must be floating point and of ``w.dtype`` (the compute dtype)."""
+    out_f, in_f = w.shape
+    check_linear_input(x, in_f, w.device, "F.linear with an NF4 weight")
+    if x.dtype != w.dtype:
+        raise RuntimeError(
+            f"F.linear with an NF4 weight: x is {x.dtype} but the weight computes in {w.dtype}; "
+            f"cast x (x.to({w.dtype})) or the weight's compute dtype (w.to({x.dtype}))"
+        )
+    parts = dict(
+        packed=w.packed, absmax=w.absmax, quant_map=w.quant_map, out_features=out_f, in_features=in_f,
+        blocksize=w.qlayout.blocksize, nested_absmax=w.nested_absmax, nested_quant_map=w.nested_quant_map,
+        nested_offset=w.nested_offset, nested_blocksize=w.qlayout.nested_blocksize,
+    )
+    return linear_parts(x, parts, bias)
+
+
+_MM = {torch.mm, torch.Tensor.mm}
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__} | _MM
+
+
+# ----------------------------------------------------------------------------- handlers
+_HANDLERS = {}
+
+
+def _handles(*ops):
+    def wrap(fn):
+        for op in ops:
+            _HANDLERS[op] = fn
+        return fn
+
+    return wrap
+
+
+@_handles(aten.detach.default, aten.alias.default)
+def _alias(func, args, kwargs):
+    return args[0]._rebuild(lambda t: func(t))
+
+
+@_handles(aten.clone.default)
+def _clone(func, args, kwargs):
+    return args[0]._rebuild(lambda t: t.clone())
+
+
+@_handles(aten._to_copy.default)
+def _to_copy(func, args, kwargs):
+    w = args[0]
+    dtype = kwargs.get("dtype") or w.dtype
+    if dtype not in COMPUTE_DTYPES:
+        raise TypeError(
+            f"an NF4 weight computes in a floating point dtype (fp32, fp16, bf16, fp64), not {dtype}; "
+            f"use .dequantize({dtype}) for a dense copy"
+        )
+    device = kwargs.get("device") or w.device
+    non_blocking = kwargs.get("non_blocking", False)
+
+    def move(t):
+        t = t.to(device, non_blocking=non_blocking, copy=True)
+        return t.pin_memory() if kwargs.get("pin_memory") else t
+
+    return w._rebuild(move, dtype=dtype)
+
+
+@_handles(aten.empty_like.default)
+def _empty_like(func, args, kwargs):
+    w = args[0]
+    device = kwargs.get("device") or w.device
+    dtype = kwargs.get("dtype") or w.dtype
+    if dtype not in COMPUTE_DTYPES:
+        return NotImplemented  # a plain empty tensor of that dtype
+    pin = kwargs.get("pin_memory") or False
+    return w._rebuild(lambda t: torch.empty_like(t, device=device, pin_memory=pin), dtype=dtype)
+
+
+@_handles(aten._pin_memory.default)
+def _pin(func, args, kwargs):
+    return args[0]._rebuild(lambda t: t.pin_memory())
+
+
+@_handles(aten.is_pinned.default)
+def _is_pinned(func, args, kwargs):
+    return args[0].packed.is_pinned()
+
+
+@_handles(aten.t.default, aten.transpose.int, aten.permute.default)
+def _transpose(func, args, kwargs):
+    w = args[0]
+    if func is aten.transpose.int and {d % 2 for d in args[1:3]} != {0, 1}:
+        return w._rebuild(lambda t: t)  # transpose(0, 0): the same tensor
+    if func is aten.permute.default and [d % 2 for d in args[1]] == [0, 1]:
+        return w._rebuild(lambda t: t)
+    return w._rebuild(lambda t: t, layout=w.qlayout._replace(transposed=not w.qlayout.transposed))
+
+
+def _weight_call(x, wt, bias):
+    """``x @ wt + bias`` where ``wt`` is a transposed NF4Tensor: the op, below autograd."""
+    w = wt._rebuild(lambda t: t, layout=wt.qlayout._replace(transposed=False))
+    parts = op_args(w.quantized)
+    return torch.ops.nf4lib.quantized_linear(x, bias=bias, **parts)
+
+
+@_handles(aten.mm.default)
+def _mm(func, args, kwargs):
+    x, wt = args
+    if isinstance(wt, NF4Tensor) and wt.qlayout.transposed and not isinstance(x, NF4Tensor) and x.dtype == wt.dtype:
+        return _weight_call(x, wt, None)
+    return NotImplemented
+
+
+@_handles(aten.addmm.default)
+def _addmm(func, args, kwargs):
+    bias, x, wt = args
+    plain = kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1 and bias.dim() == 1
+    if plain and isinstance(wt, NF4Tensor) and wt.qlayout.transposed and not isinstance(x, NF4Tensor) and x.dtype == wt.dtype:
+        return _weight_call(x, wt, bias)
+    return NotImplemented
+
+
+@_handles(aten.copy_.default)
+def _copy(func, args, kwargs):
+    dst, src = args[0], args[1]
+    if not isinstance(dst, NF4Tensor):
+        return NotImplemented  # reading an NF4 source: the dense fallback dequantizes it
+    if dst.shape != src.shape:
+        raise RuntimeError(f"copy_: cannot copy a tensor of shape {tuple(src.shape)} into an NF4 weight of shape {tuple(dst.shape)}")
+    if isinstance(src, NF4Tensor):
+        if src.qlayout.transposed != dst.qlayout.transposed:
+            src = src.dequantize()  # a transposed source: requantize its values
+        elif _layout_key(src) != _layout_key(dst):
+            raise ValueError(
+                f"copy_: the NF4 source has layout {_describe(src)}, the destination {_describe(dst)}; "
+                f"copy between NF4 weights needs one layout (or copy a dense tensor, which is quantized)"
+            )
+        else:
+            for k, t in dst._inner().items():
+                t.copy_(getattr(src, k))
+            return dst
+    _store_dense(dst, src)
+    return dst
+
+
+def _layout_key(w: NF4Tensor):
+    lay = w.qlayout
+    return (lay.blocksize, lay.nested_blocksize, lay.transposed, tuple((k, t.shape) for k, t in w._inner().items()))
+
+
+def same_layout(a: NF4Tensor, b: NF4Tensor) -> bool:
+    """True when ``b.copy_(a)`` keeps everything about ``b`` but its values (codebook name
+    and source dtype included, which the state dict records)."""
+    return a.qlayout == b.qlayout and _layout_key(a) == _layout_key(b)
+
+
+def _describe(w: NF4Tensor) -> str:
+    lay = w.qlayout
+    return f"(code={lay.code_name}, blocksize={lay.blocksize}, double_quant={w.double_quant}, {w.quant_map.numel()} levels)"
+
+
+def _store_dense(dst: NF4Tensor, dense: torch.Tensor) -> None:
+    """Quantize ``dense`` with ``dst``'s settings and write the result into ``dst``'s tensors."""
+    lay = dst.qlayout
+    values = dense.t() if lay.transposed else dense
+    code = lay.code_name if lay.code_name in ("nf4", "fp4", "int4") else dst.quant_map
+    q = quantize(values.detach().to(lay.qdtype).contiguous(), blocksize=lay.blocksize, code=code, double_quant=dst.double_quant)
+    new = op_args(q)
+    for k, t in dst._inner().items():
+        t.copy_(new[k])
+
+
+def _unwrap_dense(x):
+    return x.dequantize() if isinstance(x, NF4Tensor) else x
+
+
+def _dense_fallback(func, args, kwargs):
+    mutated = _mutated_nf4(func, args, kwargs)
+    d_args, d_kwargs = tree_map(_unwrap_dense, (args, kwargs))
+    out = func(*d_args, **d_kwargs)
+    if not mutated:
+        return out
+    # An in-place op on the weight ran on its dense copy: quantize the new values back.
+    dense = dict(zip((a.name for a in func._schema.arguments), d_args))
+    dense.update(d_kwargs)
+    for name, w in mutated:
+        _store_dense(w, dense[name])
+        if out is dense[name]:
+            out = w  # in-place ops return their argument
+    return out
+
+
+def _mutated_nf4(func, args, kwargs):
+    """``[(arg name, NF4Tensor)]`` for each NF4 argument that ``func`` writes to."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write:
+            continue
+        v = args[i] if i < len(args) else kwargs.get(a.name)
+        if isinstance(v, NF4Tensor):
+            out.append((a.name, v))
+    return out
