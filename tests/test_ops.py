@@ -212,6 +212,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.triton
 def test_triton_kernels_under_interpreter_match_cpu_kernel():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

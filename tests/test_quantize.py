@@ -42,8 +42,8 @@ def test_quantize_equals_reference(shape, code, blocksize):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_equals_bitsandbytes(dtype, shape, quant_type):
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
+def test_equals_bitsandbytes(bnb, dtype, shape, quant_type):
+    bnb_f = bnb.functional
     x = torch.randn(shape, dtype=dtype)
     for blocksize in (64, 4096) if math.prod(shape) > 1000 else (32, 64):
         q = nf4lib.quantize(x, blocksize=blocksize, code=quant_type)
@@ -56,17 +56,17 @@ def test_equals_bitsandbytes(dtype, shape, quant_type):
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
-def test_every_blocksize_equals_bitsandbytes(blocksize):
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
+def test_every_blocksize_equals_bitsandbytes(bnb, blocksize):
+    bnb_f = bnb.functional
     x = torch.randn(4 * blocksize + 3, dtype=torch.bfloat16)
     q = nf4lib.quantize(x, blocksize=blocksize)
     packed, state = bnb_f.quantize_4bit(x, blocksize=blocksize, quant_type="nf4")
     assert torch.equal(q.packed, packed.view(-1)) and torch.equal(q.absmax, state.absmax)
 
 
-def test_large_tensor_fast_paths_equal_eager_and_bitsandbytes(monkeypatch):
+def test_large_tensor_fast_paths_equal_eager_and_bitsandbytes(bnb, monkeypatch):
     """Above 2M elements quantize uses the compiled kernel and dequantize the chunked one."""
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    bnb_f = bnb.functional
     x = torch.randn(2048, 1024 + 64, dtype=torch.bfloat16)
     q = nf4lib.quantize(x)
     packed, state = bnb_f.quantize_4bit(x, blocksize=64, quant_type="nf4")
