@@ -75,19 +75,15 @@ def to_bnb(q: QuantizedTensor, prefix: str = "weight", *, code_name: str | None 
         raise ValueError(f"cannot write dtype {q.dtype} in the bitsandbytes format")
     family, quant_type = _quant_type(q, code_name)
     meta = {"quant_type": quant_type, "blocksize": q.blocksize, "dtype": _DTYPE_NAMES[q.dtype], "shape": list(q.shape)}
-    out = {prefix: q.packed.reshape(-1, 1)}
-    if isinstance(q.absmax, DoubleQuantized):
-        d = q.absmax
-        out[prefix + ".absmax"] = d.codes
-        out[prefix + ".quant_map"] = q.code
-        out[prefix + ".nested_absmax"] = d.scales
-        out[prefix + ".nested_quant_map"] = d.code
+    parts = q.scales.op_parts()  # absmax, and the nested_* parts when double-quantized
+    out = {prefix: q.packed.reshape(-1, 1), prefix + ".absmax": parts["absmax"], prefix + ".quant_map": q.code}
+    if "nested_absmax" in parts:
+        out[prefix + ".nested_absmax"] = parts["nested_absmax"]
+        out[prefix + ".nested_quant_map"] = parts["nested_quant_map"]
         # The offset travels in the JSON as a Python float (float32 -> double is exact).
-        offset = 0.0 if d.offset.is_meta else float(d.offset)
-        meta.update(nested_blocksize=d.blocksize, nested_dtype="float32", nested_offset=offset)
-    else:
-        out[prefix + ".absmax"] = q.absmax
-        out[prefix + ".quant_map"] = q.code
+        offset = parts["nested_offset"]
+        offset = 0.0 if offset.is_meta else float(offset)
+        meta.update(nested_blocksize=parts["nested_blocksize"], nested_dtype="float32", nested_offset=offset)
     text = json.dumps(meta).encode("utf-8")
     out[f"{prefix}.quant_state.{family}__{quant_type}"] = torch.tensor(list(text), dtype=torch.uint8)
     return out

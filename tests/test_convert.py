@@ -359,3 +359,29 @@ def test_minilm_bits_per_weight_counting_every_buffer(minilm):
     # 4 + 8/64 + 32/(64*256) = 4.127 plus the codebooks and offset.
     assert 4.5 <= plain <= 4.6, plain
     assert 4.127 <= dq <= 4.2, dq
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_predicates_see_linear_layers_only():
+    seen = []
+
+    def small(m, name):
+        seen.append(type(m).__name__)
+        return m.out_features < 64  # reads a Linear attribute: would fail on the root module
+
+    q = nf4lib.convert(_toy(), exclude=small)
+    assert set(seen) == {"Linear"}
+    assert [type(m).__name__ for m in q.modules() if isinstance(m, nn.Linear)].count("NF4Linear") >= 1
+
+
+def test_converting_a_converted_model_again():
+    q = nf4lib.convert(_toy())
+    again = nf4lib.convert(q)  # the same settings: kept as they are
+    for a, b in zip(q.modules(), again.modules()):
+        if isinstance(a, nf4lib.NF4Linear):
+            assert torch.equal(a.weight.packed, b.weight.packed)
+    for kw, needle in (({"blocksize": 128}, "blocksize=128"), ({"double_quant": True}, "double_quant=True"), ({"code": "fp4"}, "code=fp4")):
+        with pytest.raises(ValueError, match=f"already NF4.*{needle}"):
+            nf4lib.convert(q, **kw)

@@ -342,3 +342,31 @@ def test_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
         nf4lib.save_quantized(nf4lib.convert(_mlp()), path)
     assert path.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+def test_integer_and_bool_inputs_are_type_errors():
+    layer = nf4lib.NF4Linear.from_linear(_linear())
+    for dtype in (torch.int64, torch.int32, torch.bool, torch.uint8):
+        with pytest.raises(TypeError, match=str(dtype).replace("torch.", "")):
+            layer(torch.ones(2, 128, dtype=dtype))
+    with pytest.raises(ValueError, match="int8"):
+        nf4lib.dequantize(layer.quantized, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("blocksize, family", [(16, "nf4lib"), (32, "bitsandbytes"), (4096, "bitsandbytes"), (8192, "nf4lib")])
+def test_to_bnb_labels_blocksizes_bitsandbytes_cannot_read(blocksize, family):
+    q = nf4lib.quantize(torch.randn(64, 256), blocksize=blocksize)
+    sd = nf4lib.to_bnb(q)
+    assert quant_state_key(sd, "weight") == f"weight.quant_state.{family}__nf4"
+    back = nf4lib.from_bnb(sd)
+    assert back.blocksize == blocksize and torch.equal(nf4lib.dequantize(back), nf4lib.dequantize(q))
+
+
+def test_state_dict_keys_resolve_by_attribute():
+    layer = nf4lib.NF4Linear.from_linear(_linear(), double_quant=True)
+    sd = layer.state_dict()
+    for key, value in sd.items():
+        obj = layer
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        assert torch.equal(obj if key != "weight" else obj.packed.reshape(-1, 1), value), key
