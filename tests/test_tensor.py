@@ -178,3 +178,12 @@ def test_flatten_unflatten_round_trip():
     back = NF4Tensor.__tensor_unflatten__({k: getattr(w, k) for k in names}, ctx, w.shape, w.stride())
     assert type(back) is NF4Tensor and _same_inner(back, w) and back.dtype == w.dtype
     assert w._stable_hash_for_caching() == back._stable_hash_for_caching()
+
+
+def test_torch_export_of_a_converted_model_calls_the_op():
+    model = nf4lib.convert(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)), double_quant=True).eval()
+    x = torch.randn(2, 64)
+    ep = torch.export.export(model, (x,))
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.nf4lib.quantized_linear.default) == 2
+    torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
