@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ._codebooks import resolve_code
-from ._linear import NF4Linear, check_compute_dtype
+from ._linear import NF4Linear, check_compute_dtype, code_name_of
 from ._quant import check_blocksize
 
 __all__ = ["convert"]
@@ -194,7 +194,7 @@ def convert(
 
 
 def _check_already_converted(model: nn.Module, blocksize: int, code, double_quant: bool) -> None:
-    want_code = code.lower() if isinstance(code, str) else "custom"
+    want_code = code_name_of(code) or "custom"
     for name, m in model.named_modules():
         if isinstance(m, NF4Linear):
             have = (m.blocksize, m.code_name, m.double_quant)

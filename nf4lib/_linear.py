@@ -45,7 +45,8 @@ def _empty_record(out_f, in_f, *, blocksize, code, double_quant, dtype, device) 
     return QuantizedTensor(packed, absmax, levels, (out_f, in_f), dtype, blocksize)
 
 
-def _code_name_of(code) -> Optional[str]:
+def code_name_of(code) -> Optional[str]:
+    """The name a ``code`` argument gives (``"nf4"``...), None for a user codebook tensor."""
     return code.lower() if isinstance(code, str) else None
 
 
@@ -104,7 +105,7 @@ class NF4Linear(nn.Linear):
         check_compute_dtype(compute_dtype)
         self.in_features, self.out_features = in_features, out_features
         q = _empty_record(out_features, in_features, blocksize=blocksize, code=code, double_quant=double_quant, dtype=dtype, device=device)
-        self._set_record(q, compute_dtype or dtype, _code_name_of(code))
+        self._set_record(q, compute_dtype or dtype, code_name_of(code))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
@@ -138,7 +139,7 @@ class NF4Linear(nn.Linear):
         )
         if not w.is_meta:
             q = quantize(w.detach(), blocksize=blocksize, code=code, double_quant=double_quant)
-            layer._set_record(q, compute_dtype or w.dtype, _code_name_of(code))
+            layer._set_record(q, compute_dtype or w.dtype, code_name_of(code))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return layer
@@ -258,9 +259,9 @@ class NF4Linear(nn.Linear):
     def _load_record(self, q: QuantizedTensor, assign: bool) -> None:
         w = self.weight
         if not assign and not w.is_meta:
-            new = NF4Tensor.from_quantized(q.to(w.device), dtype=w.dtype)
+            new = NF4Tensor.from_quantized(q, dtype=w.dtype)  # over the checkpoint's tensors
             if same_layout(new, w):
-                w.copy_(new)  # in place: the Parameter object (held by optimizers, FSDP) stays
+                w.copy_(new)  # in place (and across devices): the Parameter object (held by optimizers, FSDP) stays
                 return
         # A new layout (blocksize, codebook, double quantization), a skeleton, or assign=True:
         # a new Parameter. Copy unless assigning, so the module never aliases the caller's tensors.

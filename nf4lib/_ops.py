@@ -95,26 +95,29 @@ def _fake(x, packed, absmax, quant_map, out_features, in_features, blocksize=64,
 # weight outlives the forward.
 
 
-def _grad_x(grad: Tensor, q: QuantizedTensor, x_dtype) -> Tensor:
-    return (grad @ dequantize(q, grad.dtype)).to(x_dtype)
-
-
-_WEIGHT_ARGS = ("packed", "absmax", "quant_map", "out_features", "in_features", "blocksize")
-_NESTED_ARGS = ("nested_absmax", "nested_quant_map", "nested_offset", "nested_blocksize")
+def _grads(ctx, grad, need_x: bool, need_bias: bool):
+    """(dL/dx, dL/dbias) from the saved 4-bit parts; both autograd formulas below use it."""
+    packed, absmax, quant_map, n_abs, n_map, n_off = ctx.saved_tensors
+    out_f, in_f, bs, n_bs = ctx.meta
+    grad_x = grad_bias = None
+    if need_x:
+        q = record_from_args(packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs)
+        grad_x = (grad @ dequantize(q, grad.dtype)).to(ctx.x_dtype)
+    if need_bias:
+        grad_bias = grad.reshape(-1, out_f).sum(0)
+    return grad_x, grad_bias
 
 
 def _op_setup_context(ctx, inputs, output):
     x, packed, absmax, quant_map, out_f, in_f, bs, bias, n_abs, n_map, n_off, n_bs = inputs
     ctx.save_for_backward(packed, absmax, quant_map, n_abs, n_map, n_off)
-    ctx.meta = (out_f, in_f, bs, n_bs, x.dtype, bias is not None)
+    ctx.meta, ctx.x_dtype, ctx.has_bias = (out_f, in_f, bs, n_bs), x.dtype, bias is not None
 
 
 def _op_backward(ctx, grad):
-    packed, absmax, quant_map, n_abs, n_map, n_off = ctx.saved_tensors
-    out_f, in_f, bs, n_bs, x_dtype, has_bias = ctx.meta
-    q = record_from_args(packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs)
-    grad_x = _grad_x(grad, q, x_dtype) if ctx.needs_input_grad[0] else None
-    grad_bias = grad.reshape(-1, out_f).sum(0) if has_bias and ctx.needs_input_grad[7] else None
+    # needs_input_grad may be shorter when trailing default arguments were dropped: ask
+    # about bias only when there is one
+    grad_x, grad_bias = _grads(ctx, grad, ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[7])
     return (grad_x,) + (None,) * 6 + (grad_bias,) + (None,) * 4
 
 
@@ -161,11 +164,7 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        packed, absmax, quant_map, n_abs, n_map, n_off = ctx.saved_tensors
-        out_f, in_f, bs, n_bs = ctx.meta
-        q = record_from_args(packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs)
-        grad_x = _grad_x(grad, q, ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        grad_bias = grad.reshape(-1, out_f).sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        grad_x, grad_bias = _grads(ctx, grad, ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[1])
         return grad_x, grad_bias, None, None, None, None, None, None, None
 
     @staticmethod

@@ -78,7 +78,14 @@ def _levels_below(scaled: torch.Tensor, thresholds: torch.Tensor) -> torch.Tenso
     return q
 
 
-def _pack(q: torch.Tensor) -> torch.Tensor:
+def _encode(scaled: torch.Tensor, thresholds: torch.Tensor, to_storage) -> torch.Tensor:
+    """Packed bytes of values scaled to [-1, 1]: nearest level, in storage order, two per byte.
+
+    ``to_storage`` maps sorted level index to storage index, None when they agree (every
+    codebook but FP4; the gather costs ~2x)."""
+    q = _levels_below(scaled, thresholds)
+    if to_storage is not None:
+        q = to_storage[q].to(torch.int32)
     q = q.reshape(-1, 2)
     return ((q[:, 0] << 4) | q[:, 1]).to(torch.uint8)  # even element in the high nibble
 
@@ -86,16 +93,12 @@ def _pack(q: torch.Tensor) -> torch.Tensor:
 def _quantize_rows(rows: torch.Tensor, thresholds: torch.Tensor, to_storage):
     """Quantize full blocks: ``rows`` (n_blocks, blocksize) any float dtype -> (packed, absmax).
 
-    ``to_storage`` maps sorted level index to storage index, None when they agree (every
-    codebook but FP4; the gather costs ~2x). The one row kernel: ``_compiled`` fuses it.
+    The one row kernel: ``_compiled`` fuses it.
     """
     rows = rows.float()
     absmax = rows.abs().amax(dim=1)
     scaled = (rows * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
-    q = _levels_below(scaled, thresholds)
-    if to_storage is not None:
-        q = to_storage[q].to(torch.int32)
-    return _pack(q), absmax
+    return _encode(scaled, thresholds, to_storage), absmax
 
 
 _fused_rows = _compiled.compiled(_quantize_rows)
@@ -108,10 +111,7 @@ def _quantize_tail(tail: torch.Tensor, thresholds, to_storage):
     scaled = (tail / am).clamp(-1, 1)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    q = _levels_below(scaled, thresholds)
-    if to_storage is not None:
-        q = to_storage[q].to(torch.int32)
-    return _pack(q), am.reshape(1)
+    return _encode(scaled, thresholds, to_storage), am.reshape(1)
 
 
 def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: bool = False) -> QuantizedTensor:

@@ -243,19 +243,13 @@ def check_compute_dtype(dtype, what: str = "compute_dtype") -> torch.dtype:
 def nf4_linear(x: torch.Tensor, w: NF4Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for an (untransposed) NF4Tensor ``w``, as ``nn.Linear`` would:
     ``x`` must be floating point and of ``w.dtype`` (the compute dtype)."""
-    out_f, in_f = w.shape
-    check_linear_input(x, in_f, w.device, "F.linear with an NF4 weight")
+    check_linear_input(x, w.shape[1], w.device, "F.linear with an NF4 weight")
     if x.dtype != w.dtype:
         raise RuntimeError(
             f"F.linear with an NF4 weight: x is {x.dtype} but the weight computes in {w.dtype}; "
             f"cast x (x.to({w.dtype})) or the weight's compute dtype (w.to({x.dtype}))"
         )
-    parts = dict(
-        packed=w.packed, absmax=w.absmax, quant_map=w.quant_map, out_features=out_f, in_features=in_f,
-        blocksize=w.qlayout.blocksize, nested_absmax=w.nested_absmax, nested_quant_map=w.nested_quant_map,
-        nested_offset=w.nested_offset, nested_blocksize=w.qlayout.nested_blocksize,
-    )
-    return linear_parts(x, parts, bias)
+    return linear_parts(x, op_args(w.quantized), bias)
 
 
 _MM = {torch.mm, torch.Tensor.mm}
@@ -337,9 +331,8 @@ def _transpose(func, args, kwargs):
 
 def _weight_call(x, wt, bias):
     """``x @ wt + bias`` where ``wt`` is a transposed NF4Tensor: the op, below autograd."""
-    w = wt._rebuild(lambda t: t, layout=wt.qlayout._replace(transposed=False))
-    parts = op_args(w.quantized)
-    return torch.ops.nf4lib.quantized_linear(x, bias=bias, **parts)
+    # the record is always in (out, in) order, whichever way the tensor is viewed
+    return torch.ops.nf4lib.quantized_linear(x, bias=bias, **op_args(wt.quantized))
 
 
 @_handles(aten.mm.default)
