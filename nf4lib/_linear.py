@@ -8,6 +8,7 @@ converted model loads transformers + bitsandbytes 4-bit checkpoints and they loa
 
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
@@ -15,9 +16,10 @@ from torch import nn
 
 from ._codebooks import resolve_code
 from ._double import dynamic_map
-from ._interop import QUANT_STATE_SUFFIXES, from_bnb
+from ._interop import QUANT_STATE_SUFFIXES, from_bnb, quant_state_key, to_bnb
 from ._quant import bits_per_parameter, check_blocksize, quantize
 from ._records import DoubleQuantized, QuantizedTensor
+from ._shard import copy_rows_into, local_bnb_entries, local_nf4, sharded_bnb_entries
 from ._tensor import COMPUTE_DTYPES, NF4Tensor, check_compute_dtype as _check_dtype, nf4_linear, same_layout
 
 __all__ = ["NF4Linear"]
@@ -161,10 +163,23 @@ class NF4Linear(nn.Linear):
         self.weight = nn.Parameter(w, requires_grad=False)
 
     # ------------------------------------------------------------------ views
+    def _nf4(self) -> NF4Tensor:
+        """The NF4Tensor held here: the weight, or this rank's shard of it under FSDP2."""
+        local = local_nf4(self.weight)
+        return self.weight if local is None else local
+
+    def _whole(self, what: str) -> NF4Tensor:
+        if local_nf4(self.weight) is not None:
+            raise RuntimeError(
+                f"NF4Linear.{what}: this layer's weight is sharded by FSDP2 (this rank holds rows of it); "
+                f"call .unshard() on its FSDP module first, or read layer.weight.to_local() for this rank's shard"
+            )
+        return self.weight
+
     @property
     def quantized(self) -> QuantizedTensor:
         """The weight as an immutable :class:`QuantizedTensor` record (sharing the tensors)."""
-        return self.weight.quantized
+        return self._whole("quantized").quantized
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -173,23 +188,23 @@ class NF4Linear(nn.Linear):
     @property
     def weight_dtype(self) -> torch.dtype:
         """The dtype the weight was quantized from (written to the checkpoint)."""
-        return self.weight.qlayout.qdtype
+        return self._nf4().qlayout.qdtype
 
     @property
     def blocksize(self) -> int:
-        return self.weight.qlayout.blocksize
+        return self._nf4().qlayout.blocksize
 
     @property
     def code_name(self) -> str:
-        return self.weight.qlayout.code_name
+        return self._nf4().qlayout.code_name
 
     @property
     def double_quant(self) -> bool:
-        return self.weight.double_quant
+        return self._nf4().double_quant
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The full ``(out_features, in_features)`` weight, in ``dtype`` (default: compute dtype)."""
-        return self.weight.dequantize(dtype)
+        return self._whole("dequantize").dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -200,7 +215,7 @@ class NF4Linear(nn.Linear):
         return nf4_linear(x.to(cd), self.weight, bias).to(x.dtype)
 
     def extra_repr(self) -> str:
-        bits = bits_per_parameter(self.quantized)
+        bits = bits_per_parameter(self._nf4().quantized)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"code={self.code_name}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
@@ -211,11 +226,25 @@ class NF4Linear(nn.Linear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # bitsandbytes' order and bytes: weight (the packed codes, (ceil(n/2), 1)), bias,
         # then the quant state.
-        parts = self.weight._bnb_entries(prefix + "weight")
+        w = self.weight
+        if local_nf4(w) is not None:  # FSDP2: the sharded fields as DTensors of their shards
+            parts = sharded_bnb_entries(w, prefix + "weight", to_bnb)
+        else:
+            parts = w._bnb_entries(prefix + "weight")
         destination[prefix + "weight"] = parts.pop(prefix + "weight")
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
         destination.update(parts)
+
+    def _fqn_modifiers(self) -> dict:
+        # torch.distributed.checkpoint.state_dict resolves each state-dict key by attribute
+        # (weight.absmax, weight.quant_state.bitsandbytes__nf4). Under FSDP2 the weight is a
+        # DTensor without those attributes: point its walk at the shard, which has them.
+        return {"weight": "_shard_holder"} if local_nf4(self.weight) is not None else {}
+
+    @property
+    def _shard_holder(self):
+        return types.SimpleNamespace(weight=local_nf4(self.weight))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         wkey, bkey = prefix + "weight", prefix + "bias"
@@ -231,8 +260,11 @@ class NF4Linear(nn.Linear):
             q = None
         else:
             # Check everything before changing anything, so a failed load leaves the layer as it was.
+            entries = {k: state_dict[k] for k in state_dict if k == wkey or k.startswith(wkey + ".")}
             try:
-                q = from_bnb({k: state_dict[k] for k in state_dict if k == wkey or k.startswith(wkey + ".")}, wkey)
+                if local_nf4(self.weight) is not None:
+                    return self._load_shard(entries, wkey, bkey, state_dict, error_msgs)
+                q = from_bnb(entries, wkey)
             except (ValueError, TypeError) as e:
                 error_msgs.append(f"while loading {wkey!r}: {e}")
                 return
@@ -255,6 +287,25 @@ class NF4Linear(nn.Linear):
                     self.bias = nn.Parameter(bias.detach().to(self.weight.device), requires_grad=self.bias.requires_grad)
                 else:
                     self.bias.copy_(bias)
+
+    def _load_shard(self, entries, wkey, bkey, state_dict, error_msgs) -> None:
+        """FSDP2: copy this rank's rows of a sharded or full checkpoint into the shard, in place."""
+        js_key = quant_state_key(entries, wkey)
+        if js_key is None:
+            raise ValueError(f"no '{wkey}.quant_state.*' entry")
+        q = from_bnb(local_bnb_entries(self.weight, entries, wkey, js_key), wkey)
+        local = local_nf4(self.weight)
+        new = NF4Tensor.from_quantized(q, dtype=local.dtype)
+        if not same_layout(new, local):
+            raise ValueError(
+                f"the checkpoint's layout {new!r} differs from this sharded layer's {local!r}; a sharded layer "
+                f"loads its own layout (convert the model with the checkpoint's settings before fully_shard)"
+            )
+        bias = state_dict.get(bkey) if self.bias is not None else None
+        with torch.no_grad():
+            local.copy_(new)
+            if bias is not None:
+                copy_rows_into(self.bias, bias)
 
     def _load_record(self, q: QuantizedTensor, assign: bool) -> None:
         w = self.weight

@@ -21,6 +21,9 @@ What each operation does:
   only the compute dtype), ``copy_`` (from an NF4Tensor of the same layout, or from a
   dense tensor, which is quantized with this tensor's settings), ``empty_like``,
   ``pin_memory``, ``t``/``transpose``, pickling, ``torch.save``, ``copy.deepcopy``.
+* FSDP2: ``fsdp_pre_all_gather``/``fsdp_post_all_gather`` and the ops it shards with:
+  ``torch.chunk``/``split`` and ``narrow``/``slice`` by whole quantization blocks,
+  ``new_zeros``, ``view``, ``as_strided`` (identity), ``copy_`` (see ``_shard``).
 * Any other op reads the weight: the NF4 arguments are dequantized and the op runs on
   the dense weight, returning a plain tensor. An in-place op on the weight itself
   (``normal_`` in a model's ``init_weights``) runs on the dense weight and quantizes
@@ -44,6 +47,7 @@ from ._interop import to_bnb
 from ._ops import check_linear_input, linear_parts, op_args
 from ._quant import dequantize, quantize, validate
 from ._records import QuantizedTensor, scales_from_parts
+from ._shard import ShardableMixin, check_shardable, row_slice, zeros_inner
 
 __all__ = ["NF4Tensor"]
 
@@ -72,7 +76,7 @@ class _QuantStateKeys:
         setattr(self, key, value)
 
 
-class NF4Tensor(torch.Tensor):
+class NF4Tensor(ShardableMixin, torch.Tensor):
     """A 4-bit NF4 (or FP4 / INT4 / custom codebook) weight as a ``torch.Tensor``.
 
     Build one with :meth:`from_quantized` (or ``nf4lib.quantize`` then that); read the
@@ -163,11 +167,12 @@ class NF4Tensor(torch.Tensor):
     def _inner(self) -> dict:
         return {k: getattr(self, k) for k in _INNER if getattr(self, k) is not None}
 
-    def _rebuild(self, fn, *, dtype=None, layout=None) -> "NF4Tensor":
+    def _rebuild(self, fn, *, dtype=None, layout=None, shape=None) -> "NF4Tensor":
         """A new NF4Tensor whose inner tensors are ``fn(t)`` of this one's."""
         inner = {k: fn(t) for k, t in self._inner().items()}
         lay = layout or self.qlayout
-        shape = self.shape if lay.transposed == self.qlayout.transposed else self.shape[::-1]
+        if shape is None:
+            shape = self.shape if lay.transposed == self.qlayout.transposed else self.shape[::-1]
         return NF4Tensor(inner, lay, shape, dtype or self.dtype)
 
     # ------------------------------------------------------------------ tracing
@@ -319,6 +324,70 @@ def _is_pinned(func, args, kwargs):
     return args[0].packed.is_pinned()
 
 
+# ---- row shards (FSDP2 shards with chunk, pads with new_zeros + narrow().copy_, views with view/as_strided)
+def _rows_of(w) -> bool:
+    return isinstance(w, NF4Tensor) and w.dim() == 2 and not w.qlayout.transposed
+
+
+def _row_piece(w, r0, r1, what):
+    return NF4Tensor(row_slice(w, r0, r1, what), w.qlayout, (r1 - r0, w.shape[1]), w.dtype)
+
+
+@_handles(aten.split.Tensor, aten.split_with_sizes.default)
+def _split(func, args, kwargs):
+    w, sizes, dim = args[0], args[1], (args[2] if len(args) > 2 else kwargs.get("dim", 0))
+    if not _rows_of(w) or dim % 2:
+        return NotImplemented
+    if func is aten.split.Tensor:  # torch.chunk / torch.split(w, n): equal shards, as FSDP2 makes them
+        check_shardable(w, sizes, "torch.chunk/split")
+        sizes = [sizes] * (w.shape[0] // sizes)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [_row_piece(w, r, r + n, "torch.split") for r, n in zip(starts, sizes)]
+
+
+@_handles(aten.slice.Tensor)
+def _slice(func, args, kwargs):
+    w, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
+    if not _rows_of(w) or dim % 2 or step != 1:
+        return NotImplemented
+    r0, r1, _ = slice(start, end).indices(w.shape[0])
+    if (r0, r1) == (0, w.shape[0]):
+        return w._rebuild(lambda t: t)  # narrow(0, 0, out): the same weight
+    return _row_piece(w, r0, max(r0, r1), "narrow/slice")
+
+
+@_handles(aten.new_zeros.default, aten.new_empty.default)
+def _new_zeros(func, args, kwargs):
+    w, size = args[0], list(args[1])
+    dtype = kwargs.get("dtype") or w.dtype
+    if not _rows_of(w) or len(size) != 2 or size[1] != w.shape[1] or dtype not in COMPUTE_DTYPES:
+        return NotImplemented  # a plain tensor of that shape
+    return NF4Tensor(zeros_inner(w, size[0]), w.qlayout, size, dtype)
+
+
+@_handles(aten.view.default, aten._unsafe_view.default)
+def _view(func, args, kwargs):
+    w, size = args[0], list(args[1])
+    if w.qlayout.transposed:
+        return NotImplemented
+    # a row-major 4-bit weight is the same bytes in any shape of the same size
+    if -1 in size:
+        known = -torch.Size(size).numel()
+        size[size.index(-1)] = w.numel() // known if known else 0
+    if torch.Size(size).numel() != w.numel():
+        raise RuntimeError(f"view: shape {tuple(args[1])} is invalid for an NF4 weight of {w.numel()} elements")
+    return w._rebuild(lambda t: t, shape=size)
+
+
+@_handles(aten.as_strided.default)
+def _as_strided(func, args, kwargs):
+    w, size, stride = args[0], tuple(args[1]), tuple(args[2])
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset") or 0
+    if size == tuple(w.shape) and stride == tuple(w.stride()) and not offset:
+        return w._rebuild(lambda t: t)
+    raise RuntimeError(f"as_strided{size, stride, offset} of an NF4 weight of shape {tuple(w.shape)}: only the identity view exists")
+
+
 @_handles(aten.t.default, aten.transpose.int, aten.permute.default)
 def _transpose(func, args, kwargs):
     w = args[0]
@@ -357,6 +426,12 @@ def _copy(func, args, kwargs):
     dst, src = args[0], args[1]
     if not isinstance(dst, NF4Tensor):
         return NotImplemented  # reading an NF4 source: the dense fallback dequantizes it
+    if not src.is_floating_point():
+        # e.g. 4-bit bytes: quantizing them as values would silently corrupt the weight
+        raise TypeError(
+            f"copy_: an NF4 weight takes float values (which it quantizes) or another NF4Tensor, got {src.dtype}; "
+            f"load bitsandbytes bytes with load_state_dict"
+        )
     if dst.shape != src.shape:
         raise RuntimeError(f"copy_: cannot copy a tensor of shape {tuple(src.shape)} into an NF4 weight of shape {tuple(dst.shape)}")
     if isinstance(src, NF4Tensor):

@@ -49,4 +49,7 @@ def linear(x, q, bias):
     y = out_t.t()
     if bias is not None:
         y = y + bias.to(dtype)
-    return y.to(x.dtype).contiguous().reshape(*x.shape[:-1], out_f)
+    # a fresh tensor, not a view of one: FSDP2 (and in-place ops after it) treat views specially
+    out = torch.empty(*x.shape[:-1], out_f, dtype=x.dtype, device=x.device)
+    out.view(m, out_f).copy_(y)
+    return out

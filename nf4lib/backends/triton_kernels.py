@@ -91,7 +91,8 @@ def linear(x, q, bias):
     m = x2.shape[0]
     code16 = torch.zeros(16, dtype=torch.float32, device=x.device)
     code16[: code.numel()] = code.float()
-    y = torch.empty(m, out_f, dtype=x.dtype, device=x.device)
+    result = torch.empty(*x.shape[:-1], out_f, dtype=x.dtype, device=x.device)  # returned: not a view
+    y = result.view(m, out_f)
     b = bias.contiguous() if bias is not None else y  # y is a dummy pointer when there is no bias
     if m <= GEMV_MAX_ROWS:
         block_n, block_k = 32, 128
@@ -112,4 +113,4 @@ def linear(x, q, bias):
             IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type == "cpu"),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         )
-    return y.reshape(*x.shape[:-1], out_f)
+    return result
