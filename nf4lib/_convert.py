@@ -173,10 +173,11 @@ def convert(
     by_weight: dict[int, NF4Linear] = {}
     converted: dict[int, NF4Linear] = {}
     with progress_bar(items, total=len(items), desc="nf4lib.convert", unit="layer", show=progress) as bar:
-        for mid, (_, lin) in bar:
+        for mid, (name, lin) in bar:
             twin = by_weight.get(id(lin.weight))
             if twin is None:
                 layer = NF4Linear.from_linear(lin, blocksize=blocksize, code=code, double_quant=double_quant, compute_dtype=compute_dtype)
+                layer.weight._nf4_name = name  # named in errors (FSDP2 sharding a weight that does not split)
                 by_weight[id(lin.weight)] = layer
             else:  # the same weight tensor: share the quantized weight Parameter too
                 layer = NF4Linear.from_quantized(twin.quantized, lin.bias, compute_dtype=compute_dtype)

@@ -48,19 +48,22 @@ def _label(w) -> str:
 
 
 def check_shardable(w, rows: int, what: str) -> None:
-    """Raise ``ValueError`` unless row shards of ``rows`` rows of ``w`` are whole blocks (groups)."""
+    """Raise ``ValueError`` unless ``w`` splits into equal shards of ``rows`` rows of whole blocks (groups)."""
     out_f, in_f = w.shape
     lay = w.qlayout
     unit = shard_unit(lay.blocksize, lay.nested_blocksize)
-    if rows <= 0 or out_f % rows or (rows * in_f) % unit:
-        dq = f" x {lay.nested_blocksize}-block groups = {unit}" if lay.nested_blocksize else ""
-        raise ValueError(
-            f"{what}: cannot split {_label(w)} of shape ({out_f}, {in_f}) into shards of {rows} rows: NF4 shards must be "
-            f"equal and hold whole quantization blocks ({lay.blocksize} weights{dq}), but {rows} x {in_f} = {rows * in_f} "
-            f"weights is not a multiple of {unit}{' or ' + str(out_f) + ' rows do not divide evenly' if rows > 0 and out_f % rows else ''}. "
-            f"Shapes that shard over N ranks: out_features divisible by N and (out_features / N) * in_features "
-            f"divisible by {unit}; exclude this layer from convert() or from fully_shard otherwise"
-        )
+    if rows > 0 and out_f % rows == 0 and (rows * in_f) % unit == 0:
+        return
+    if rows <= 0 or out_f % rows:
+        why = f"{out_f} rows do not split into equal shards of {rows} (FSDP2 would pad the last one, which 4-bit data cannot be)"
+    else:
+        dq = f" x {lay.nested_blocksize}-block groups" if lay.nested_blocksize else ""
+        why = f"a shard of {rows} x {in_f} = {rows * in_f} weights is not a whole number of blocks ({lay.blocksize} weights{dq} = {unit})"
+    raise ValueError(
+        f"{what}: cannot shard {_label(w)} of shape ({out_f}, {in_f}): {why}. Over N ranks an NF4 weight shards when "
+        f"N divides out_features and (out_features / N) * in_features is a multiple of {unit}; otherwise exclude "
+        f"this layer from convert(), or from fully_shard (its ignored_params)"
+    )
 
 
 def _spans(w, r0: int, r1: int) -> dict:

@@ -145,6 +145,9 @@ def load_from_rank0(model: torch.nn.Module, checkpoint=None, *, src: int = 0, st
     and drops the rest. No rank ever holds more than one full tensor beyond its shards,
     and none holds the full-precision model.
 
+    Without an initialised process group it simply loads (one process), so the same code
+    runs single-process.
+
     Args:
         model: the model, every tensor allocated (not meta).
         checkpoint: on ``src``: a safetensors file, a Hugging Face model directory, or a
@@ -165,7 +168,8 @@ def load_from_rank0(model: torch.nn.Module, checkpoint=None, *, src: int = 0, st
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    rank = dist.get_rank(group)
+    alone = not (dist.is_available() and dist.is_initialized())  # one process: just load
+    rank = src if alone else dist.get_rank(group)
     local_sd = model.state_dict()
     meta = [k for k, v in local_sd.items() if isinstance(v, torch.Tensor) and v.is_meta]
     if meta:
@@ -184,9 +188,10 @@ def load_from_rank0(model: torch.nn.Module, checkpoint=None, *, src: int = 0, st
                 info = None if full is None else ("ok", tuple(full.shape), full.dtype if exact else target.dtype)
             except (ValueError, TypeError, KeyError) as e:
                 info = ("error", f"{key!r}: {e}")
-        box = [info]
-        dist.broadcast_object_list(box, src=src, group=group)
-        info = box[0]
+        if not alone:
+            box = [info]
+            dist.broadcast_object_list(box, src=src, group=group)
+            info = box[0]
         if info is None:
             del local_sd[key]  # not in the checkpoint: load_state_dict reports it missing
             continue
@@ -198,7 +203,8 @@ def load_from_rank0(model: torch.nn.Module, checkpoint=None, *, src: int = 0, st
         else:
             buf = torch.empty(shape, dtype=dtype, device=target.device)
         full = None
-        dist.broadcast(buf, src=src, group=group)
+        if not alone:
+            dist.broadcast(buf, src=src, group=group)
         if isinstance(target, DTensor):
             if tuple(target.shape) != shape:
                 raise ValueError(f"load_from_rank0: size mismatch for {key!r}: the checkpoint's is {shape}, the model's {tuple(target.shape)}")

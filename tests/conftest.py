@@ -7,6 +7,7 @@
 * ``notebooks``: the research notebooks, executed top to bottom.
 * ``triton``: the Triton kernels under the interpreter.
 * ``slow``: subprocess and end-to-end checks.
+* ``distributed``: several processes (torchrun, gloo): FSDP2 and distributed checkpoints.
 
 A test asks for an optional package through a fixture of that name (``bnb``,
 ``transformers``, ``peft``, ...): the fixture skips the one test when the package is
@@ -54,7 +55,7 @@ if os.environ.get("NF4LIB_BLOCK_EXTRAS") == "1":
 
 torch.set_num_threads(min(torch.get_num_threads(), 2))
 
-TIERS = ("bnb", "integration", "notebooks", "triton", "slow")
+TIERS = ("bnb", "integration", "notebooks", "triton", "slow", "distributed")
 # fixture name -> (module to import, tier)
 _OPTIONAL = {
     "bnb": ("bitsandbytes", "bnb"),
