@@ -71,7 +71,7 @@ def build(cfg, *, double_quant: bool, bf16: bool, device, shard: bool = True, lo
     import transformers
 
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
     model = nf4lib.convert(model, double_quant=double_quant)  # lm_head stays full precision
     model = peft.get_peft_model(model, peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=TARGETS, lora_dropout=0.0))
     # activation checkpointing of each decoder layer (transformers >= 5 names it activation_*)
@@ -167,7 +167,8 @@ def train(model, data, *, rank: int = 0, world: int = 1, lr: float = 1e-3, forwa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    ap.add_argument("--checkpoint", help="a full-precision safetensors Llama (file or directory); default: write a random one")
+    ap.add_argument("--checkpoint", help="a full-precision Llama-family model: Hugging Face directory (its config is used) or "
+                    ".safetensors file (with --size's config); default: write a random one")
     ap.add_argument("--out", default="fsdp_qlora_out")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -182,7 +183,13 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    cfg = llama_config(args.size)
+    if args.checkpoint and os.path.isdir(args.checkpoint):  # a Hugging Face model directory: its own config
+        import transformers
+
+        cfg = transformers.AutoConfig.from_pretrained(args.checkpoint)
+        cfg.use_cache = False
+    else:
+        cfg = llama_config(args.size)
     os.makedirs(args.out, exist_ok=True)
     base = args.checkpoint or os.path.join(args.out, "base_fp32")
     if rank == 0 and not args.checkpoint and not os.path.exists(os.path.join(base, "model.safetensors")):
@@ -233,10 +240,11 @@ def main() -> None:
             save_file(adapters, os.path.join(args.out, "adapter.safetensors"))
             torch.save({"probe": probe.cpu(), "logits": logits.cpu()}, os.path.join(args.out, "probe.pt"))
 
-    gathered = [None] * world
-    dist.all_gather_object(gathered, {k: result[k] for k in ("peak_rss_after_load_mib", "peak_rss_after_train_mib", "nf4_bytes_local")})
-    result["per_rank"] = gathered
     result["rss_at_start_mib"] = rss_start
+    gathered = [None] * world
+    keys = ("rss_at_start_mib", "peak_rss_after_load_mib", "peak_rss_after_train_mib", "nf4_bytes_local")
+    dist.all_gather_object(gathered, {k: result[k] for k in keys})
+    result["per_rank"] = gathered
     if rank == 0:
         with open(os.path.join(args.out, "result.json"), "w") as f:
             json.dump(result, f, indent=1)

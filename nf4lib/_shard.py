@@ -78,19 +78,16 @@ def _spans(w, r0: int, r1: int) -> dict:
     return spans
 
 
-def row_slice(w, r0: int, r1: int, what: str) -> dict:
-    """The inner tensors of rows ``[r0, r1)`` of ``w`` (views; replicated fields shared).
-
-    Both ends must fall on a block (group) boundary, or at the end of the weight.
-    """
+def on_blocks(w, r0: int, r1: int) -> bool:
+    """Whether rows ``[r0, r1)`` of ``w`` start and end on a block (group) boundary or the end."""
     out_f, in_f = w.shape
     unit = shard_unit(w.qlayout.blocksize, w.qlayout.nested_blocksize)
-    for r in (r0, r1):
-        if r != out_f and (r * in_f) % unit:
-            raise ValueError(
-                f"{what}: rows [{r0}, {r1}) of {_label(w)} of shape ({out_f}, {in_f}) do not start and end on a "
-                f"quantization block boundary (a multiple of {unit} weights); a 4-bit weight is sliced by whole blocks"
-            )
+    return all(r == out_f or (r * in_f) % unit == 0 for r in (r0, r1))
+
+
+def row_slice(w, r0: int, r1: int) -> dict:
+    """The inner tensors of rows ``[r0, r1)`` of ``w`` (views; replicated fields shared);
+    the rows must be :func:`on_blocks`."""
     spans = _spans(w, r0, r1)
     inner = w._inner()
     return {k: (t[spans[k][0]:spans[k][1]] if k in spans else t) for k, t in inner.items()}

@@ -47,7 +47,7 @@ from ._interop import to_bnb
 from ._ops import check_linear_input, linear_parts, op_args
 from ._quant import dequantize, quantize, validate
 from ._records import QuantizedTensor, scales_from_parts
-from ._shard import ShardableMixin, check_shardable, row_slice, zeros_inner
+from ._shard import ShardableMixin, check_shardable, on_blocks, row_slice, zeros_inner
 
 __all__ = ["NF4Tensor"]
 
@@ -329,8 +329,8 @@ def _rows_of(w) -> bool:
     return isinstance(w, NF4Tensor) and w.dim() == 2 and not w.qlayout.transposed
 
 
-def _row_piece(w, r0, r1, what):
-    return NF4Tensor(row_slice(w, r0, r1, what), w.qlayout, (r1 - r0, w.shape[1]), w.dtype)
+def _row_piece(w, r0, r1):
+    return NF4Tensor(row_slice(w, r0, r1), w.qlayout, (r1 - r0, w.shape[1]), w.dtype)
 
 
 @_handles(aten.split.Tensor, aten.split_with_sizes.default)
@@ -342,7 +342,9 @@ def _split(func, args, kwargs):
         check_shardable(w, sizes, "torch.chunk/split")
         sizes = [sizes] * (w.shape[0] // sizes)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [_row_piece(w, r, r + n, "torch.split") for r, n in zip(starts, sizes)]
+    if not all(on_blocks(w, r, r + n) for r, n in zip(starts, sizes)):
+        return NotImplemented  # rows that cut through blocks: dense pieces
+    return [_row_piece(w, r, r + n) for r, n in zip(starts, sizes)]
 
 
 @_handles(aten.slice.Tensor)
@@ -353,7 +355,9 @@ def _slice(func, args, kwargs):
     r0, r1, _ = slice(start, end).indices(w.shape[0])
     if (r0, r1) == (0, w.shape[0]):
         return w._rebuild(lambda t: t)  # narrow(0, 0, out): the same weight
-    return _row_piece(w, r0, max(r0, r1), "narrow/slice")
+    r1 = max(r0, r1)
+    # rows that cut through a block have no 4-bit form of their own: a dense slice then
+    return _row_piece(w, r0, r1) if on_blocks(w, r0, r1) else NotImplemented
 
 
 @_handles(aten.new_zeros.default, aten.new_empty.default)

@@ -22,7 +22,6 @@ What is here:
 
 from __future__ import annotations
 
-import json
 from typing import Iterable, Mapping, Optional
 
 import torch
@@ -96,6 +95,26 @@ class _Checkpoint:
             if nbytes and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != nbytes:
                 raise ValueError(f"{path}: truncated while reading {name!r}")
         return t
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc only; elsewhere nothing).
+
+    Quantizing a layer allocates and frees tens of MB of temporaries per tensor; glibc
+    keeps freed chunks below its mmap threshold in the heap, so without a trim rank 0's
+    resident memory climbs by about a layer's temporaries per layer (measured: 645 MiB
+    instead of 307 MiB above start for a 1.2 GiB model)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        if name:
+            libc = ctypes.CDLL(name)
+            if hasattr(libc, "malloc_trim"):
+                libc.malloc_trim(0)
+    except OSError:
+        pass
 
 
 def _nf4_groups(model: torch.nn.Module) -> dict:
@@ -223,6 +242,7 @@ def _full_tensor(ckpt: _Checkpoint, key: str, groups: dict, local_sd: dict, cach
         return cache.pop(key), True
     if key in groups:  # an NF4 layer's first key: read or quantize the layer once
         entries = _source_entries(ckpt, key, groups[key])
+        _trim_heap()
         if entries is None:
             return None, True
         local_js = [k for k in local_sd if k.startswith(key + ".quant_state.")]

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard

@@ -75,17 +75,18 @@ def _single_process(ex, base, *, bf16: bool, double_quant: bool):
     missing, unexpected = nf4lib.distributed.load_from_rank0(model, str(base), strict=False)
     assert not unexpected and missing and all("lora_" in k for k in missing)
     nf4lib.distributed.load_from_rank0(model, ex.adapter_init(model), strict=False)
-    forward = None
+    forward = None  # the model's own forward
     if bf16:
         # FSDP2's mixed precision: every parameter cast to bf16 for compute (the NF4 weights
         # keep their bytes and compute in bf16), fp32 master adapters and optimizer.
         # Activation checkpointing would recompute outside functional_call: off here.
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
-        def forward(m, ids):
+        def bf16_forward(m, ids):
             params = {n: p.to(torch.bfloat16) for n, p in m.named_parameters()}
             return torch.func.functional_call(m, params, (), {"input_ids": ids, "labels": ids}).loss
 
+        forward = bf16_forward
     return model, ex.train(model, ex.batches(cfg, 20), forward=forward)
 
 
