@@ -43,7 +43,10 @@ def _blocksize(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = _Parser(prog="nf4lib", description="NF4 quantization: error reports and checkpoint conversion.")
+    p.add_argument("--version", action="version", version=f"nf4lib {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     r = sub.add_parser("report", help="per-layer 4-bit error (NF4, NF4+DQ, INT4, FP4) and memory")
     r.add_argument("model", nargs="?", help="a Hugging Face model directory or a .safetensors file "
@@ -73,6 +76,19 @@ def _scan(path):
         for name, (dtype, shape) in info.items():
             tensors[name] = (f, dtype, shape)
     return files, tensors
+
+
+def _chosen(tensors: dict, user_patterns, path) -> set:
+    """The linear weights to quantize, after ``--exclude``; a pattern that matches no
+    tensor gets a warning on stderr (as ``nf4lib.convert`` warns)."""
+    patterns = user_patterns if user_patterns is not None else list(DEFAULT_EXCLUDE)
+    quantized = sorted(n for n in tensors if ".quant_state." in n)
+    if quantized:
+        raise CheckpointError(f"{path}: already quantized (it holds 4-bit weights, e.g. {quantized[0]!r}); nothing to do")
+    for p in user_patterns or ():
+        if not any(excluded(n, [p]) for n in tensors):
+            print(f"nf4lib: warning: --exclude {p!r} matched no layer", file=sys.stderr)
+    return {n for n, (_, dt, sh) in tensors.items() if is_linear_weight(n, dt, sh) and not excluded(n, patterns)}
 
 
 def _natural(name: str):
@@ -107,11 +123,10 @@ def report(args) -> int:
     path = args.model or _default_model()
     patterns = args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE)
     files, tensors = _scan(path)
-    layers = [n for n, (_, dt, sh) in sorted(tensors.items(), key=lambda kv: _natural(kv[0]))
-              if is_linear_weight(n, dt, sh) and not excluded(n, patterns)]
+    chosen = _chosen(tensors, args.exclude, path)
+    layers = sorted(chosen, key=_natural)
     if not layers:
         raise CheckpointError(f"{path}: no linear-layer weights found (2-D float '*.weight' tensors)")
-    chosen = set(layers)
     kept_bytes = sum(_nbytes(dt, sh) for n, (_, dt, sh) in tensors.items() if n not in chosen)
     rows, records = [], []
     order = {n: i for i, n in enumerate(layers)}
@@ -197,14 +212,13 @@ def quantize_cmd(args) -> int:
     from ._interop import to_bnb
     from ._quant import quantize
 
-    patterns = args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE)
     files, tensors = _scan(args.input)
     out = os.path.abspath(args.output)
     if os.path.isdir(out):
         raise CheckpointError(f"{args.output}: is a directory; OUT must be a file path")
     if any(os.path.exists(out) and os.path.samefile(out, f) for f in files):
         raise CheckpointError(f"{args.output}: OUT must differ from the input file")
-    chosen = {n for n, (_, dt, sh) in tensors.items() if is_linear_weight(n, dt, sh) and not excluded(n, patterns)}
+    chosen = _chosen(tensors, args.exclude, args.input)
     before = after = 0
     with StreamingWriter(out) as w:
         for name, t in progress_bar(iter_tensors(files), total=len(tensors), desc="nf4lib quantize", unit="tensor", show=args.progress):
@@ -243,6 +257,10 @@ def main(argv=None) -> int:
         return report(args) if args.command == "report" else quantize_cmd(args)
     except (_UsageError, CheckpointError) as e:
         print(f"nf4lib: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a folder we may not write: one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"nf4lib: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nf4lib: interrupted; no output written", file=sys.stderr)

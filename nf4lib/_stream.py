@@ -155,7 +155,10 @@ class StreamingWriter:
         if not os.path.isdir(folder):
             raise CheckpointError(f"{path}: the output directory {folder} does not exist")
         stem = "." + os.path.basename(self.path) + ".nf4lib-"
-        fd, self._data_path = tempfile.mkstemp(prefix=stem, suffix=".data", dir=folder)
+        try:
+            fd, self._data_path = tempfile.mkstemp(prefix=stem, suffix=".data", dir=folder)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot write in {folder} ({e.strerror})") from None
         self._data = os.fdopen(fd, "wb")
         self._final_path = None
         self._entries: dict[str, dict] = {}

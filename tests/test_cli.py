@@ -252,3 +252,63 @@ def test_sigterm_mid_way_leaves_no_output(tmp_path):
         pytest.skip("the command finished before the signal arrived")
     assert proc.returncode == 130 and "interrupted" in err
     assert _listing(tmp_path) == ["in.safetensors"]
+
+
+# ----------------------------------------------------------------------------- issue 12's CLI fixes
+
+
+def _small_checkpoint(tmp_path):
+    path = tmp_path / "in.safetensors"
+    save_file({"a.proj.weight": torch.randn(64, 64), "lm_head.weight": torch.randn(8, 64)}, path)
+    return path
+
+
+def test_unwritable_output_folder_is_one_line_and_leaves_nothing(capsys, tmp_path, monkeypatch):
+    import tempfile
+
+    src = _small_checkpoint(tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    def refuse(*args, **kwargs):  # what a read-only folder does (tests run as root: chmod would not stop them)
+        raise PermissionError(13, "Permission denied", str(out_dir))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    code, _, err = run(capsys, "quantize", str(src), str(out_dir / "x.safetensors"))
+    _one_line_error(code, err, "cannot write in", "Permission denied")
+    assert _listing(out_dir) == []
+
+
+def test_other_os_errors_are_one_line_exit_2(capsys, tmp_path, monkeypatch):
+    from nf4lib import _stream
+
+    src = _small_checkpoint(tmp_path)
+
+    def full_disk(self, metadata):
+        raise OSError(28, "No space left on device", str(tmp_path / "o.safetensors"))
+
+    monkeypatch.setattr(_stream.StreamingWriter, "commit", full_disk)
+    code, _, err = run(capsys, "quantize", str(src), str(tmp_path / "o.safetensors"))
+    _one_line_error(code, err, "No space left on device")
+    assert not (tmp_path / "o.safetensors").exists() and [p for p in _listing(tmp_path) if p.startswith(".")] == []
+
+
+def test_exclude_pattern_that_matches_nothing_warns(capsys, tmp_path):
+    src = _small_checkpoint(tmp_path)
+    code, _, err = run(capsys, "quantize", str(src), str(tmp_path / "o.safetensors"), "--exclude", "lm_head", "--exclude", "no_such_layer")
+    assert code == 0
+    assert "nf4lib: warning: --exclude 'no_such_layer' matched no layer" in err and "'lm_head'" not in err
+
+
+def test_quantize_of_a_quantized_file_says_so(capsys, tmp_path):
+    src = _small_checkpoint(tmp_path)
+    assert run(capsys, "quantize", str(src), str(tmp_path / "q.safetensors"))[0] == 0
+    code, _, err = run(capsys, "quantize", str(tmp_path / "q.safetensors"), str(tmp_path / "qq.safetensors"))
+    _one_line_error(code, err, "already quantized", "a.proj.weight.quant_state.bitsandbytes__nf4")
+    assert not (tmp_path / "qq.safetensors").exists()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"nf4lib {nf4lib.__version__}"
