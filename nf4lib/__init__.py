@@ -8,7 +8,7 @@ from ._ops import quantized_linear
 from ._interop import from_bnb, to_bnb
 from ._tensor import NF4Tensor
 from ._linear import NF4Linear
-from ._convert import convert
+from ._convert import convert, dequantize_model
 from ._checkpoint import load_quantized, save_quantized
 from . import analysis
 from . import backends as _backends  # noqa: F401  (registers the device kernels)
@@ -32,6 +32,7 @@ __all__ = [
     "NF4Tensor",
     "NF4Linear",
     "convert",
+    "dequantize_model",
     "from_bnb",
     "to_bnb",
     "save_quantized",

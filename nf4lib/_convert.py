@@ -194,6 +194,52 @@ def convert(
 
 
 
+def dequantize_model(model: nn.Module, *, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Return a new model in which every :class:`NF4Linear` is an ``nn.Linear`` holding its
+    dequantized weight: the inverse of :func:`convert` (up to the 4-bit rounding).
+
+    A tree transform like :func:`convert`: ``model`` is not modified; the layers that are
+    not NF4 (embeddings, norms, LoRA adapters of a PEFT model) share storage with it.
+    This is the first step of the 16-bit merge recipe: dequantize the base, merge the
+    adapters into full-precision weights (``merge_and_unload``), save in bf16.
+
+    Args:
+        model: a module holding NF4Linear layers (a PEFT-wrapped model too).
+        dtype: the dense weights' dtype; ``None``: the dtype each layer was quantized from.
+
+    Example:
+        >>> merged = nf4lib.dequantize_model(peft_model, dtype=torch.bfloat16).merge_and_unload()
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"dequantize_model expects an nn.Module, got {type(model).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
+    if isinstance(model, NF4Linear):
+        return _dense_linear(model, dtype)
+    memo: dict[int, object] = {}
+    by_weight: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if isinstance(m, NF4Linear) and id(m) not in memo:
+            # the dense layer goes straight into the copy: the 4-bit layer is never copied
+            lin = _dense_linear(m, dtype, by_weight.get(id(m.weight)))
+            by_weight.setdefault(id(m.weight), lin.weight)  # twins (one weight, two layers) stay tied
+            memo[id(m)] = lin
+    for t in list(model.parameters()):
+        memo.setdefault(id(t), nn.Parameter(t.data, requires_grad=t.requires_grad))
+    for t in list(model.buffers()):
+        memo.setdefault(id(t), t)
+    return copy.deepcopy(model, memo)
+
+
+def _dense_linear(layer: NF4Linear, dtype, weight=None) -> nn.Linear:
+    dt = dtype or layer.weight_dtype
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=dt)
+    lin.weight = weight if weight is not None else nn.Parameter(layer.dequantize(dt), requires_grad=False)
+    if layer.bias is not None:
+        lin.bias = nn.Parameter(layer.bias.detach().to(dt, copy=True), requires_grad=layer.bias.requires_grad)
+    return lin
+
+
 def _check_already_converted(model: nn.Module, blocksize: int, code, double_quant: bool) -> None:
     want_code = code_name_of(code) or "custom"
     for name, m in model.named_modules():

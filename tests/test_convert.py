@@ -385,3 +385,52 @@ def test_converting_a_converted_model_again():
     for kw, needle in (({"blocksize": 128}, "blocksize=128"), ({"double_quant": True}, "double_quant=True"), ({"code": "fp4"}, "code=fp4")):
         with pytest.raises(ValueError, match=f"already NF4.*{needle}"):
             nf4lib.convert(q, **kw)
+
+
+# ----------------------------------------------------------------------------- dequantize_model
+
+
+def test_dequantize_model_is_the_inverse_of_convert_up_to_rounding():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64), nn.LayerNorm(64))
+    q = nf4lib.convert(model, exclude=(), double_quant=True)
+    d = nf4lib.dequantize_model(q)
+    assert [type(m).__name__ for m in d] == ["Linear", "ReLU", "Linear", "LayerNorm"]
+    assert isinstance(q[0], nf4lib.NF4Linear)  # the input is left as it was
+    assert torch.equal(d[0].weight, q[0].dequantize(torch.float32)) and d[0].weight.dtype == torch.float32
+    assert torch.equal(d[0].bias, q[0].bias) and d[0].bias.data_ptr() != q[0].bias.data_ptr()
+    assert d[3].weight.data_ptr() == q[3].weight.data_ptr()  # layers that were not NF4 share storage
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(d(x), q(x), rtol=1e-5, atol=1e-5)
+    assert nf4lib.dequantize_model(q, dtype=torch.bfloat16)[2].weight.dtype == torch.bfloat16
+    assert type(nf4lib.dequantize_model(q[0])) is nn.Linear
+    with pytest.raises(ValueError, match="floating point torch.dtype"):
+        nf4lib.dequantize_model(q, dtype=torch.int8)
+    with pytest.raises(TypeError, match="nn.Module"):
+        nf4lib.dequantize_model("model")
+
+
+def test_dequantize_model_keeps_twin_layers_tied():
+    shared = nn.Linear(32, 32)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    d = nf4lib.dequantize_model(nf4lib.convert(model, exclude=()))
+    assert d[0].weight is d[2].weight
+
+
+def test_16_bit_merge_equals_peft_merge_on_the_dequantized_weights(peft, transformers):
+    targets = ["q_proj", "v_proj", "down_proj"]
+    q = nf4lib.convert(_llama(False))
+    pm = peft.get_peft_model(q, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        before = pm(ids).logits
+    merged = nf4lib.dequantize_model(pm).merge_and_unload()
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    want = layer.base_layer.dequantize(torch.float32) + layer.get_delta_weight("default")
+    got = merged.model.layers[0].self_attn.q_proj
+    assert type(got) is nn.Linear
+    torch.testing.assert_close(got.weight, want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, before, rtol=1e-4, atol=1e-4)
+    assert isinstance(pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer, nf4lib.NF4Linear)
