@@ -40,6 +40,31 @@ def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _init_missing_buffers(model: nn.Module, device) -> None:
+    """Compute the non-persistent buffers a file lacks (``rotary_emb.inv_freq``,
+    ``position_ids``: bitsandbytes' and the CLI's files do not store them) with the
+    model's own initialiser, for a skeleton built on the meta device.
+
+    Only Hugging Face models say how to (``_init_weights(module)``); it runs on the
+    modules that hold such buffers, and their loaded parameters are put back after it.
+    """
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return
+    for mod in model.modules():
+        missing = [b for b in mod._non_persistent_buffers_set if mod._buffers.get(b) is not None and mod._buffers[b].is_meta]
+        if not missing:
+            continue
+        for b in missing:
+            mod._buffers[b] = torch.empty_like(mod._buffers[b], device=device)
+        params = {k: p for k, p in mod._parameters.items() if p is not None}
+        saved = {k: p.detach().clone() for k, p in params.items() if not p.is_meta}
+        with torch.no_grad():
+            init(mod)
+            for k, v in saved.items():  # the initialiser may write parameters: keep the loaded values
+                mod._parameters[k].copy_(v)
+
+
 def _storage_key(t: torch.Tensor):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
@@ -147,6 +172,7 @@ def load_quantized(model: nn.Module, path, *, strict: bool = True, device="cpu")
     for name, t in extra.items():
         mod_name, _, buf = name.rpartition(".")
         model.get_submodule(mod_name)._buffers[buf] = t
+    _init_missing_buffers(model, device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"{len(left)} tensors are still on the meta device after loading {path!r}, e.g. {left[:3]}")

@@ -190,7 +190,39 @@ def convert(
         for child_name, child in parent._modules.items():
             if child is not None and id(child) in copies:
                 parent._modules[child_name] = converted[copies[id(child)]]
+    if converted:
+        _record_quantization_config(new_model, blocksize, code, double_quant, next(iter(converted.values())).compute_dtype)
     return new_model
+
+
+def _record_quantization_config(model: nn.Module, blocksize: int, code, double_quant: bool, compute_dtype) -> None:
+    """Write bitsandbytes' ``quantization_config`` into a transformers model's config, so
+    ``save_pretrained`` output loads with ``from_pretrained`` (transformers + bitsandbytes)
+    as a pre-quantized 4-bit model. Only where bitsandbytes can read the weights: NF4/FP4
+    at its blocksizes; other settings leave the config as it was."""
+    if not (isinstance(code, str) and code.lower() in ("nf4", "fp4") and 32 <= blocksize <= 4096):
+        return
+    # every transformers model in the tree (the root, or the encoder inside a SentenceTransformer)
+    done = set()
+    for hf in model.modules():  # outermost first: an inner LlamaModel shares its parent's config
+        config = getattr(hf, "config", None)
+        if hasattr(hf, "save_pretrained") and type(config).__module__.startswith("transformers") and id(config) not in done:
+            done.add(id(config))
+            _set_bnb_config(hf, config, code, double_quant, compute_dtype)
+
+
+def _set_bnb_config(model, config, code, double_quant, compute_dtype) -> None:
+    skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, NF4Linear))
+    config.quantization_config = {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": code.lower(),
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": skip,
+    }
 
 
 
