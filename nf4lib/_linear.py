@@ -227,6 +227,13 @@ class NF4Linear(nn.Linear):
         # bitsandbytes' order and bytes: weight (the packed codes, (ceil(n/2), 1)), bias,
         # then the quant state.
         w = self.weight
+        if getattr(self, "_awaiting_weight", False):
+            # an empty layer that transformers' loader will give a full-precision weight to
+            # quantize (nf4lib.hf): it expects the one key "weight", as for nn.Linear
+            destination[prefix + "weight"] = w
+            if self.bias is not None:
+                destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+            return
         if local_nf4(w) is not None:  # FSDP2: the sharded fields as DTensors of their shards
             parts = sharded_bnb_entries(w, prefix + "weight", to_bnb)
         else:

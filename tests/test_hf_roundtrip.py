@@ -84,3 +84,57 @@ def test_sentence_transformers_save_and_load(bnb, sentence_transformers, tmp_pat
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in back.modules())
     sentences = ["A 4-bit model saved and loaded.", "Rain is expected tomorrow."]
     torch.testing.assert_close(back.encode(sentences, convert_to_tensor=True), q.encode(sentences, convert_to_tensor=True), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- quantize while loading
+
+
+@pytest.fixture(scope="module")
+def nf4hf(transformers):
+    import nf4lib.hf
+
+    return nf4lib.hf
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_from_pretrained_quantizes_each_weight_as_it_loads(nf4hf, transformers, tmp_path, double_quant):
+    model, _ = _llama(transformers)
+    model.save_pretrained(tmp_path)
+    cfg = nf4hf.NF4Config(double_quant=double_quant, exclude=["lm_head", "*.down_proj"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=cfg)
+    want = nf4lib.convert(model, double_quant=double_quant, exclude=["lm_head", "*.down_proj"])
+    kinds = {n: type(m).__name__ for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds["lm_head"] == "Linear" and kinds["model.layers.0.mlp.down_proj"] == "Linear"
+    assert kinds["model.layers.1.self_attn.q_proj"] == "NF4Linear"
+    sd, want_sd = hf.state_dict(), want.state_dict()
+    assert set(sd) == set(want_sd)
+    for k in want_sd:
+        assert torch.equal(sd[k], want_sd[k]), k  # the same bytes as convert on the loaded model
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, want(ids).logits)
+
+
+def test_from_pretrained_output_saves_for_bitsandbytes(nf4hf, bnb, transformers, tmp_path):
+    model, _ = _llama(transformers)
+    model.save_pretrained(tmp_path / "fp32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=nf4hf.NF4Config(double_quant=True))
+    hf.save_pretrained(tmp_path / "nf4")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
+    assert isinstance(back.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+
+
+def test_from_pretrained_config_and_input_errors(nf4hf, transformers, tmp_path):
+    with pytest.raises(ValueError, match="code must be"):
+        nf4hf.NF4Config(code="int8")
+    with pytest.raises(ValueError, match="blocksize"):
+        nf4hf.NF4Config(blocksize=100)
+    with pytest.raises(ValueError, match="sequence of module names"):
+        nf4hf.NF4Config(exclude="lm_head")
+    model, _ = _llama(transformers)
+    nf4lib.convert(model).save_pretrained(tmp_path)  # already 4-bit: transformers itself refuses, clearly
+    with pytest.raises(ValueError, match="quantized with BitsAndBytesConfig"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=nf4hf.NF4Config())

@@ -1,0 +1,137 @@
+"""Layer 6: quantize while loading with transformers' ``from_pretrained``.
+
+Import it explicitly (``import nf4lib.hf``): it registers the ``"nf4lib"`` quantization
+method with transformers' public registration API (``register_quantization_config`` /
+``register_quantizer``)::
+
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4lib.hf.NF4Config(double_quant=True))
+
+transformers builds the model on the meta device, :class:`NF4Quantizer` turns its
+``nn.Linear`` layers (but ``exclude``) into empty :class:`~nf4lib.NF4Linear` layers, and
+each weight is quantized as the loader reads it, so the full-precision model never
+exists. The loaded model's config then records bitsandbytes' ``quantization_config``
+(NF4/FP4), so its ``save_pretrained`` output loads with transformers + bitsandbytes, or
+with :func:`nf4lib.load_quantized`. Loading a pre-quantized checkpoint through this
+method is not supported (use those two).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ._convert import DEFAULT_EXCLUDE, _record_quantization_config, plan
+from ._linear import NF4Linear
+from ._quant import check_blocksize, quantize
+from ._tensor import NF4Tensor, check_compute_dtype
+
+__all__ = ["NF4Config", "NF4Quantizer"]
+
+
+@register_quantization_config("nf4lib")
+class NF4Config(QuantizationConfigMixin):
+    """``from_pretrained(..., quantization_config=NF4Config(...))``: what :func:`nf4lib.convert` takes.
+
+    Args:
+        exclude: module names or globs kept in full precision (default ``("lm_head",)``).
+        blocksize, code, double_quant: as in :func:`nf4lib.quantize` (``code`` a name).
+        compute_dtype: the matmul dtype; default: the dtype the model loads in.
+    """
+
+    def __init__(self, exclude=DEFAULT_EXCLUDE, blocksize: int = 64, code: str = "nf4", double_quant: bool = False,
+                 compute_dtype: Optional[torch.dtype] = None, **kwargs):
+        self.quant_method = "nf4lib"
+        if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
+            raise ValueError(f"exclude must be a sequence of module names or globs, got {exclude!r}")
+        if code not in ("nf4", "fp4", "int4"):
+            raise ValueError(f"code must be 'nf4', 'fp4' or 'int4', got {code!r}")
+        self.exclude = list(exclude)
+        self.blocksize = check_blocksize(blocksize)
+        self.code = code
+        self.double_quant = bool(double_quant)
+        if isinstance(compute_dtype, str):
+            compute_dtype = getattr(torch, compute_dtype)
+        self.compute_dtype = None if compute_dtype is None else str(check_compute_dtype(compute_dtype)).replace("torch.", "")
+
+
+class _QuantizeOnLoad(ConversionOps):
+    """One full-precision weight, as the loader read it, to the NF4Linear's 4-bit Parameter."""
+
+    def __init__(self, quantizer: "NF4Quantizer"):
+        self.quantizer = quantizer
+
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        out = {}
+        cfg = self.quantizer.quantization_config
+        for name, value in input_dict.items():
+            value = value[0] if isinstance(value, list) else value
+            layer = model.get_submodule(name.rpartition(".")[0])
+            q = quantize(value.detach(), blocksize=cfg.blocksize, code=cfg.code, double_quant=cfg.double_quant)
+            w = NF4Tensor.from_quantized(q, dtype=layer.compute_dtype, code_name=cfg.code)
+            layer._is_hf_initialized = True
+            layer._awaiting_weight = False
+            out[name] = nn.Parameter(w, requires_grad=False)
+        return out
+
+
+@register_quantizer("nf4lib")
+class NF4Quantizer(HfQuantizer):
+    """transformers' quantizer for :class:`NF4Config` (quantize on load)."""
+
+    requires_calibration = False
+
+    def validate_environment(self, *args, **kwargs):
+        if self.pre_quantized:
+            raise ValueError(
+                "nf4lib quantizes full-precision checkpoints while loading; a checkpoint already in 4 bits loads with "
+                "nf4lib.load_quantized (or transformers + bitsandbytes, from the bitsandbytes config it carries)"
+            )
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        module_name, _, attr = param_name.rpartition(".")
+        return attr == "weight" and isinstance(model.get_submodule(module_name), NF4Linear)
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        cfg = self.quantization_config
+        dtype = kwargs.get("dtype")
+        compute = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None
+        candidates, _, _ = plan(model, tuple(cfg.exclude))
+        names = {name for name, _ in candidates.values()}
+        for name in sorted(names):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            lin = getattr(parent, child)
+            layer = NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, blocksize=cfg.blocksize, code=cfg.code,
+                              double_quant=cfg.double_quant, compute_dtype=compute or (dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else None),
+                              dtype=lin.weight.dtype if lin.weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32,
+                              device="meta")
+            layer.weight._nf4_name = name
+            layer._awaiting_weight = True
+            setattr(parent, child, layer)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        cfg = self.quantization_config
+        layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+        if layers:
+            _record_quantization_config(model, cfg.blocksize, cfg.code, cfg.double_quant, layers[0].compute_dtype)
+        return model
+
+    def postprocess_model(self, model, **kwargs):
+        out = super().postprocess_model(model, **kwargs)  # sets config.quantization_config = NF4Config
+        self._process_model_after_weight_loading(model)  # ... which save_pretrained replaces with bitsandbytes'
+        return out
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    def get_quantize_ops(self):
+        return _QuantizeOnLoad(self)
