@@ -157,16 +157,7 @@ def convert(
     for name in tied:
         warnings.warn(f"convert: {name!r} keeps full precision: its weight is tied to a layer that is not converted", stacklevel=2)
 
-    # 2. Copy the tree, sharing tensors: fresh Parameter objects over the same storage.
-    memo: dict[int, object] = {}
-    for t in list(model.parameters()):
-        memo[id(t)] = nn.Parameter(t.data, requires_grad=t.requires_grad)
-    for t in list(model.buffers()):
-        memo[id(t)] = t
-    new_model = copy.deepcopy(model, memo)
-    copies = {id(memo[mid]): mid for mid in candidates if mid in memo}
-
-    # 3. Quantize layer by layer; a Linear that appears twice (or shares a weight) is done once.
+    # 2. Quantize layer by layer; a Linear that appears twice (or shares a weight) is done once.
     items = list(candidates.items())
     if progress is None and len(items) < _PROGRESS_MIN_LAYERS:
         progress = False
@@ -186,10 +177,8 @@ def convert(
 
     if id(model) in candidates:  # the model itself is a Linear
         return converted[id(model)]
-    for parent in new_model.modules():
-        for child_name, child in parent._modules.items():
-            if child is not None and id(child) in copies:
-                parent._modules[child_name] = converted[copies[id(child)]]
+    # 3. Copy the tree with the NF4 layers in place of the Linears, sharing the other tensors.
+    new_model = _tree_copy(model, converted)
     if converted:
         _record_quantization_config(new_model, blocksize, code, double_quant, next(iter(converted.values())).compute_dtype)
     return new_model
@@ -248,14 +237,22 @@ def dequantize_model(model: nn.Module, *, dtype: Optional[torch.dtype] = None) -
         raise ValueError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
     if isinstance(model, NF4Linear):
         return _dense_linear(model, dtype)
-    memo: dict[int, object] = {}
+    dense: dict[int, nn.Linear] = {}
     by_weight: dict[int, nn.Parameter] = {}
     for m in model.modules():
-        if isinstance(m, NF4Linear) and id(m) not in memo:
+        if isinstance(m, NF4Linear) and id(m) not in dense:
             # the dense layer goes straight into the copy: the 4-bit layer is never copied
             lin = _dense_linear(m, dtype, by_weight.get(id(m.weight)))
             by_weight.setdefault(id(m.weight), lin.weight)  # twins (one weight, two layers) stay tied
-            memo[id(m)] = lin
+            dense[id(m)] = lin
+    return _tree_copy(model, dense)
+
+
+def _tree_copy(model: nn.Module, replace: dict) -> nn.Module:
+    """A copy of ``model``'s tree in which each module ``replace`` names (by id) is its
+    replacement, every Parameter is a new object over the same storage, and buffers are
+    shared: new modules and Parameters, no copied tensor data."""
+    memo: dict[int, object] = dict(replace)
     for t in list(model.parameters()):
         memo.setdefault(id(t), nn.Parameter(t.data, requires_grad=t.requires_grad))
     for t in list(model.buffers()):

@@ -84,9 +84,18 @@ def to_bnb(q: QuantizedTensor, prefix: str = "weight", *, code_name: str | None 
         offset = parts["nested_offset"]
         offset = 0.0 if offset.is_meta else float(offset)
         meta.update(nested_blocksize=parts["nested_blocksize"], nested_dtype="float32", nested_offset=offset)
-    text = json.dumps(meta).encode("utf-8")
-    out[f"{prefix}.quant_state.{family}__{quant_type}"] = torch.tensor(list(text), dtype=torch.uint8)
+    out[f"{prefix}.quant_state.{family}__{quant_type}"] = quant_state_tensor(meta)
     return out
+
+
+def quant_state_tensor(meta: dict) -> torch.Tensor:
+    """The JSON entry's bytes as bitsandbytes writes them (``json.dumps``, default separators)."""
+    return torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+
+
+def read_quant_state(raw: torch.Tensor) -> dict:
+    """The JSON entry's dict (raises ``ValueError`` if the bytes are not JSON)."""
+    return json.loads(bytes(raw.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
 
 
 def quant_state_key(state_dict: Mapping[str, torch.Tensor], prefix: str) -> str | None:
@@ -136,7 +145,7 @@ def from_bnb(state_dict: Mapping[str, torch.Tensor], prefix: str = "weight") -> 
         raise ValueError(f"no '{prefix}.quant_state.bitsandbytes__nf4/fp4' entry in the state dict")
     raw = _need(state_dict, js_key)
     try:
-        meta = json.loads(bytes(raw.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        meta = read_quant_state(raw)
         shape = tuple(int(s) for s in meta["shape"])
         blocksize = int(meta["blocksize"])
         dtype = _NAMED_DTYPES[meta["dtype"]]

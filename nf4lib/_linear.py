@@ -16,7 +16,7 @@ from torch import nn
 
 from ._codebooks import resolve_code
 from ._double import dynamic_map
-from ._interop import QUANT_STATE_SUFFIXES, from_bnb, quant_state_key, to_bnb
+from ._interop import QUANT_STATE_SUFFIXES, from_bnb, quant_state_key
 from ._quant import bits_per_parameter, check_blocksize, quantize
 from ._records import DoubleQuantized, QuantizedTensor
 from ._shard import copy_rows_into, local_bnb_entries, local_nf4, sharded_bnb_entries
@@ -235,7 +235,7 @@ class NF4Linear(nn.Linear):
                 destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
             return
         if local_nf4(w) is not None:  # FSDP2: the sharded fields as DTensors of their shards
-            parts = sharded_bnb_entries(w, prefix + "weight", to_bnb)
+            parts = sharded_bnb_entries(w, prefix + "weight")
         else:
             parts = w._bnb_entries(prefix + "weight")
         destination[prefix + "weight"] = parts.pop(prefix + "weight")
@@ -270,7 +270,7 @@ class NF4Linear(nn.Linear):
             entries = {k: state_dict[k] for k in state_dict if k == wkey or k.startswith(wkey + ".")}
             try:
                 if local_nf4(self.weight) is not None:
-                    return self._load_shard(entries, wkey, bkey, state_dict, error_msgs)
+                    return self._load_shard(entries, wkey, bkey, state_dict)
                 q = from_bnb(entries, wkey)
             except (ValueError, TypeError) as e:
                 error_msgs.append(f"while loading {wkey!r}: {e}")
@@ -295,7 +295,7 @@ class NF4Linear(nn.Linear):
                 else:
                     self.bias.copy_(bias)
 
-    def _load_shard(self, entries, wkey, bkey, state_dict, error_msgs) -> None:
+    def _load_shard(self, entries, wkey, bkey, state_dict) -> None:
         """FSDP2: copy this rank's rows of a sharded or full checkpoint into the shard, in place."""
         js_key = quant_state_key(entries, wkey)
         if js_key is None:

@@ -31,6 +31,8 @@ from typing import Any, Optional
 
 import torch
 
+from ._interop import quant_state_tensor, read_quant_state, to_bnb
+
 __all__ = ["ShardableMixin", "shard_unit", "check_shardable"]
 
 _GROUP = 256  # bitsandbytes' nested blocksize: the absmax codes are double-quantized per 256 blocks
@@ -183,26 +185,17 @@ def _field_keys(wkey: str) -> dict:
     return {wkey: "packed", wkey + ".absmax": "absmax", wkey + ".nested_absmax": "nested_absmax"}
 
 
-def _global_shape(field: str, n: int, lay) -> tuple:
-    n_blocks = -(-n // lay.blocksize)
-    return {
-        "packed": ((n + 1) // 2, 1),
-        "absmax": (n_blocks,),
-        "nested_absmax": (-(-n_blocks // (lay.nested_blocksize or 1)),),
-    }[field]
-
-
-def sharded_bnb_entries(w, wkey: str, to_bnb) -> dict:
+def sharded_bnb_entries(w, wkey: str) -> dict:
     """bitsandbytes entries of a DTensor NF4 weight: sharded fields as DTensors."""
     from torch.distributed.tensor import DTensor
 
     local = local_nf4(w)
     q = local.quantized
     entries = to_bnb(type(q)(q.packed, q.absmax, q.code, tuple(w.shape), q.dtype, q.blocksize), wkey, code_name=local.qlayout.code_name)
-    n = w.shape[0] * w.shape[1]
+    full = _spans(local, 0, w.shape[0])  # the whole weight's field sizes (in_features is shared)
     for key, field in _field_keys(wkey).items():
         if key in entries:
-            shape = _global_shape(field, n, local.qlayout)
+            shape = (full[field][1], 1) if field == "packed" else (full[field][1],)  # packed: bitsandbytes' (n/2, 1)
             stride = (1, 1) if len(shape) == 2 else (1,)
             entries[key] = DTensor.from_local(entries[key], w.device_mesh, w.placements, run_check=False, shape=shape, stride=stride)
     return entries
@@ -215,26 +208,22 @@ def local_bnb_entries(w, entries: dict, wkey: str, js_key: str) -> dict:
     (a full state dict given to every rank); the JSON's shape must be ``w``'s and is
     rewritten to the shard's, so the result reads with ``from_bnb`` as the shard.
     """
-    import json
-
     local = local_nf4(w)
     r0 = _row_offset(w)
-    r1 = r0 + local.shape[0]
-    spans = _spans(local, r0, r1)  # the global rows' ranges (in_features and layout are shared)
+    spans = _spans(local, r0, r0 + local.shape[0])  # the global rows' ranges (in_features and layout are shared)
+    full = _spans(local, 0, w.shape[0])
     out = {}
     for key, v in entries.items():
         field = _field_keys(wkey).get(key)
         if local_nf4(v) is None and hasattr(v, "to_local"):
             v = v.to_local()
         elif field is not None and field in spans:
-            n_global = _global_shape(field, w.shape[0] * w.shape[1], local.qlayout)[0]
-            if v.shape[0] == n_global:  # a full tensor: take this rank's rows
+            if v.shape[0] == full[field][1]:  # a full tensor: take this rank's rows
                 v = v[spans[field][0]:spans[field][1]]
         out[key] = v
-    raw = out[js_key]
-    meta = json.loads(bytes(raw.detach().cpu().tolist()).decode("utf-8"))
+    meta = read_quant_state(out[js_key])
     if tuple(meta.get("shape", ())) != tuple(w.shape):
         raise ValueError(f"size mismatch for {wkey}: the checkpoint holds a weight of shape {tuple(meta.get('shape', ()))}, this layer's is {tuple(w.shape)}")
     meta["shape"] = list(local.shape)
-    out[js_key] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    out[js_key] = quant_state_tensor(meta)
     return out

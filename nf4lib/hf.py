@@ -98,33 +98,25 @@ class NF4Quantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
-        dtype = kwargs.get("dtype")
         compute = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None
         candidates, _, _ = plan(model, tuple(cfg.exclude))
-        names = {name for name, _ in candidates.values()}
-        for name in sorted(names):
+        for name, lin in sorted(candidates.values(), key=lambda c: c[0]):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            lin = getattr(parent, child)
-            layer = NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, blocksize=cfg.blocksize, code=cfg.code,
-                              double_quant=cfg.double_quant, compute_dtype=compute or (dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else None),
-                              dtype=lin.weight.dtype if lin.weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32,
-                              device="meta")
+            # on the meta device from_linear quantizes nothing: an empty layer of the right layout
+            layer = NF4Linear.from_linear(lin, blocksize=cfg.blocksize, code=cfg.code, double_quant=cfg.double_quant, compute_dtype=compute)
             layer.weight._nf4_name = name
             layer._awaiting_weight = True
             setattr(parent, child, layer)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # runs after transformers set config.quantization_config = NF4Config: replaced here by
+        # bitsandbytes' config, so save_pretrained output loads with transformers + bitsandbytes
         cfg = self.quantization_config
         layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
         if layers:
             _record_quantization_config(model, cfg.blocksize, cfg.code, cfg.double_quant, layers[0].compute_dtype)
         return model
-
-    def postprocess_model(self, model, **kwargs):
-        out = super().postprocess_model(model, **kwargs)  # sets config.quantization_config = NF4Config
-        self._process_model_after_weight_loading(model)  # ... which save_pretrained replaces with bitsandbytes'
-        return out
 
     def is_serializable(self):
         return True
