@@ -183,7 +183,15 @@ class NF4Linear(nn.Linear):
 
     @property
     def compute_dtype(self) -> torch.dtype:
+        """The matmul's dtype (the weight's ``dtype``); settable: the 4-bit bytes stay as they are."""
         return self.weight.dtype
+
+    @compute_dtype.setter
+    def compute_dtype(self, dtype: torch.dtype) -> None:
+        check_compute_dtype(dtype)
+        if dtype is None:
+            raise ValueError("compute_dtype must be torch.float32, torch.float16, torch.bfloat16 or torch.float64, got None")
+        self.weight.data = self.weight.data.to(dtype)  # a new compute dtype over the same bytes
 
     @property
     def weight_dtype(self) -> torch.dtype:

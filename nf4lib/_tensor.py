@@ -19,7 +19,8 @@ What each operation does:
   ``torch.ops.nf4lib.quantized_linear``: the weight is never materialised.
 * ``detach``, ``clone``, ``.to(device)`` (4 bits stay 4 bits), ``.to(dtype)`` (changes
   only the compute dtype), ``copy_`` (from an NF4Tensor of the same layout, or from a
-  dense tensor, which is quantized with this tensor's settings), ``empty_like``,
+  dense tensor, which is quantized with this tensor's settings), ``param.data = ...``
+  (the same two cases; PEFT writes merged weights so), ``empty_like``,
   ``pin_memory``, ``t``/``transpose``, pickling, ``torch.save``, ``copy.deepcopy``.
 * FSDP2: ``fsdp_pre_all_gather``/``fsdp_post_all_gather`` and the ops it shards with:
   ``torch.chunk``/``split`` and ``narrow``/``slice`` by whole quantization blocks,
@@ -48,6 +49,7 @@ from ._ops import check_linear_input, linear_parts, op_args
 from ._quant import dequantize, quantize, validate
 from ._records import QuantizedTensor, scales_from_parts
 from ._shard import ShardableMixin, check_shardable, on_blocks, row_slice, zeros_inner
+from . import backends  # noqa: F401  (an NF4 weight computes with the registered kernels, however it was loaded)
 
 __all__ = ["NF4Tensor"]
 
@@ -174,6 +176,35 @@ class NF4Tensor(ShardableMixin, torch.Tensor):
         if shape is None:
             shape = self.shape if lay.transposed == self.qlayout.transposed else self.shape[::-1]
         return NF4Tensor(inner, lay, shape, dtype or self.dtype)
+
+    # ------------------------------------------------------------------ .data
+    # ``param.data = new`` swaps only the C++ tensor: the 4-bit fields live on this Python
+    # object and would stay the old ones, so the assignment would silently do nothing.
+    # PEFT writes merged weights this way (DoRA, IA3, safe_merge, OLoRA, PiSSA).
+    @property
+    def data(self) -> "NF4Tensor":
+        return torch.Tensor.data.__get__(self)
+
+    @data.setter
+    def data(self, new) -> None:
+        """Take ``new``'s contents: another NF4Tensor's fields as they are, or a dense
+        float tensor of this shape quantized with this weight's settings (as ``copy_``
+        does, and as bitsandbytes re-quantizes a merged weight). The old fields are not
+        written to, so earlier aliases of ``.data`` keep their values."""
+        if isinstance(new, NF4Tensor):
+            torch.Tensor.data.__set__(self, new)
+            src = new
+        else:
+            if not isinstance(new, torch.Tensor) or not new.is_floating_point():
+                raise TypeError(f"an NF4 weight's .data takes an NF4Tensor or float values, got "
+                                f"{type(new).__name__} {getattr(new, 'dtype', '')}")
+            if new.shape != self.shape:
+                raise ValueError(f"cannot set .data of an NF4 weight of shape {tuple(self.shape)} to shape {tuple(new.shape)}")
+            src = self._rebuild(torch.empty_like)
+            _store_dense(src, new.to(self.device))
+        for name in _INNER:
+            setattr(self, name, getattr(src, name))
+        self.qlayout = src.qlayout
 
     # ------------------------------------------------------------------ tracing
     def __tensor_flatten__(self):

@@ -187,3 +187,60 @@ def test_torch_export_of_a_converted_model_calls_the_op():
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.nf4lib.quantized_linear.default) == 2
     torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_setting_data_takes_the_new_contents(double_quant):
+    # ``param.data = new`` (how PEFT writes merged weights) swaps the whole 4-bit weight;
+    # before, the Python-held fields stayed and the assignment silently did nothing.
+    lin = nf4lib.NF4Linear.from_linear(nn.Linear(96, 48), double_quant=double_quant)
+    w0 = lin.weight.dequantize().clone()
+    alias = lin.weight.data
+    delta = 0.05 * torch.randn(48, 96)
+    want = nf4lib.dequantize(nf4lib.quantize(w0 + delta, double_quant=double_quant))
+
+    other = lin.weight.data.clone()
+    other += delta  # in-place on an NF4Tensor: re-quantized
+    lin.weight.data = other
+    assert isinstance(lin.weight, nn.Parameter) and type(lin.weight) is NF4Tensor
+    assert torch.equal(lin.weight.dequantize(), want)
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(lin(x), x @ want.T + lin.bias, rtol=1e-5, atol=1e-5)
+
+    lin.weight.data = w0 - delta  # dense values: quantized with the weight's settings
+    assert torch.equal(lin.weight.dequantize(), nf4lib.dequantize(nf4lib.quantize(w0 - delta, double_quant=double_quant)))
+    assert lin.double_quant == double_quant
+    assert torch.equal(alias.dequantize(), w0)  # an earlier alias keeps its values
+
+    with pytest.raises(TypeError, match="torch.uint8"):
+        lin.weight.data = torch.zeros(48, 96, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"\(48, 96\).*\(96, 48\)"):
+        lin.weight.data = torch.zeros(96, 48)
+
+
+def test_compute_dtype_is_settable_over_the_same_bytes():
+    lin = nf4lib.NF4Linear.from_linear(nn.Linear(96, 48))
+    packed = lin.weight.packed.clone()
+    lin.compute_dtype = torch.bfloat16
+    assert lin.weight.dtype == torch.bfloat16 and torch.equal(lin.weight.packed, packed)
+    x = torch.randn(2, 96)
+    assert lin(x).dtype == torch.float32  # output in the input's dtype, as before
+    with pytest.raises(ValueError, match="int8"):
+        lin.compute_dtype = torch.int8
+
+
+def test_kernels_are_registered_however_the_weight_is_reached():
+    # `import nf4lib` before torch loads nothing; a weight reached through a private module
+    # (as unpickling does) must still find its kernels.
+    import subprocess
+    import sys
+
+    code = (
+        "import nf4lib, torch\n"
+        "from nf4lib._linear import NF4Linear\n"
+        "lin = NF4Linear.from_linear(torch.nn.Linear(64, 32))\n"
+        "print(tuple(lin(torch.randn(2, 64)).shape))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "(2, 32)" in r.stdout
