@@ -1,17 +1,14 @@
-"""nf4lib: functional 4-bit NormalFloat (NF4) quantization on PyTorch primitives."""
+"""nf4lib: functional 4-bit NormalFloat (NF4) quantization on PyTorch primitives.
 
-from ._codebooks import fp4_levels, int4_levels, nf4_levels, normal_float_levels
-from ._double import double_dequantize, double_quantize, dynamic_map
-from ._quant import bits_per_parameter, dequantize, quantize
-from ._records import DoubleQuantized, QuantizedTensor
-from ._ops import quantized_linear
-from ._interop import from_bnb, to_bnb
-from ._tensor import NF4Tensor
-from ._linear import NF4Linear
-from ._convert import convert, dequantize_model
-from ._checkpoint import load_quantized, save_quantized
-from . import analysis
-from . import backends as _backends  # noqa: F401  (registers the device kernels)
+Without torch loaded, ``import nf4lib`` is cheap: the library (and torch with it) loads on
+the first use of any name below, so ``nf4lib --help`` answers without importing torch.
+With torch already loaded (a program that imported torch first) it loads at once, as any
+library would: NF4 weights are then allowed to ``torch.load(weights_only=True)`` from the
+start. Importing a submodule (``nf4lib.hf``, ``nf4lib.distributed``) loads what it needs.
+"""
+
+import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -39,3 +36,29 @@ __all__ = [
     "load_quantized",
     "analysis",
 ]
+
+
+def _load() -> None:
+    """Import the library and bind its public names here (once)."""
+    from . import _api
+
+    g = globals()
+    for name in __all__:
+        g[name] = getattr(_api, name)
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        _load()
+        return globals()[name]
+    if name in ("hf", "distributed", "backends"):  # submodules, as attributes too
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'nf4lib' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if "torch" in sys.modules:  # nothing to save by waiting
+    _load()
