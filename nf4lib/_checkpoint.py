@@ -11,23 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from torch import nn
+
+from ._safetensors import CheckpointError, index, read_header, read_tensor, write_file
 
 
 __all__ = ["save_quantized", "load_quantized"]
 
 _ALIASES = "nf4lib.aliases"
 _NON_PERSISTENT = "nf4lib.non_persistent"
-
-
-def _chmod_like_new_file(path: str) -> None:
-    # mkstemp creates 0600; give the result the mode open() would have (0666 minus umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,8 +77,6 @@ def save_quantized(model: nn.Module, path, *, metadata: dict[str, str] | None = 
     Example:
         >>> nf4lib.save_quantized(nf4lib.convert(model), "model-nf4.safetensors")
     """
-    from safetensors.torch import save_file
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_quantized expects an nn.Module, got {type(model).__name__}")
     tensors = dict(model.state_dict())
@@ -106,54 +98,50 @@ def save_quantized(model: nn.Module, path, *, metadata: dict[str, str] | None = 
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"metadata must map str to str, got {k!r}: {v!r}")
         meta[k] = v
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".nf4lib-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(to_write, tmp, metadata=meta)
-        _chmod_like_new_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_file(to_write, path, meta)
 
 
-def load_quantized(model: nn.Module, path, *, strict: bool = True, device="cpu") -> nn.Module:
-    """Fill ``model`` from a file written by :func:`save_quantized`, in place, and return it.
+def load_quantized(model: nn.Module, path, *, strict: bool = True, device="cpu"):
+    """Fill ``model`` from a file written by :func:`save_quantized`, in place, as
+    ``load_state_dict`` does.
 
     Build the skeleton without full-precision weights (``with torch.device("meta"):``
     build the model, then :func:`nf4lib.convert` it with the settings of the file); every
     tensor is then taken from the file, read one at a time. Tied parameters stay tied.
+    Non-persistent buffers the file lacks (``rotary_emb.inv_freq``) are computed with the
+    model's own initialiser.
 
     Args:
         model: a model of the checkpoint's architecture, on the meta device or not.
         path: the safetensors file.
-        strict: as in ``load_state_dict``: missing or unexpected keys are an error.
+        strict: as in ``load_state_dict``: missing or unexpected keys are an error. With
+            ``strict=False`` they are returned, and what the file lacks stays as it was.
         device: where the loaded tensors go.
 
     Returns:
-        ``model`` itself (this loads in place, like ``Module.load_state_dict``).
+        ``NamedTuple(missing_keys, unexpected_keys)``, as ``Module.load_state_dict``
+        returns (both empty when ``strict=True``).
 
     Raises:
-        FileNotFoundError, ValueError: no such file, not a safetensors file, or tensors
-            left on the meta device; RuntimeError from ``load_state_dict`` naming keys
-            whose shapes do not fit.
-    """
-    from safetensors import safe_open
+        FileNotFoundError, ValueError: no such file, not a safetensors file, or (with
+            ``strict=True``) tensors left on the meta device; RuntimeError from
+            ``load_state_dict`` naming missing, unexpected or misshapen keys.
 
+    Example:
+        >>> with torch.device("meta"):
+        ...     skeleton = nf4lib.convert(MyModel())
+        >>> missing, unexpected = nf4lib.load_quantized(skeleton, "model-nf4.safetensors")
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_quantized expects an nn.Module, got {type(model).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such checkpoint: {path!r}")
     try:
-        f = safe_open(path, framework="pt", device=str(device))
-    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        entries, meta = index(path), read_header(path)[1]
+        tensors = {k: read_tensor(e, k).to(device) for k, e in entries.items()}
+    except CheckpointError as e:
         raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from None
-    with f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
     for alias, source in json.loads(meta.get(_ALIASES, "{}")).items():
         tensors[alias] = tensors[source]
     extra = {k: tensors.pop(k) for k in json.loads(meta.get(_NON_PERSISTENT, "[]")) if k in tensors}
@@ -164,16 +152,25 @@ def load_quantized(model: nn.Module, path, *, strict: bool = True, device="cpu")
         for pname, p in mod._parameters.items():
             if p is not None:
                 groups.setdefault(id(p), []).append((mod, pname))
-    model.load_state_dict(tensors, strict=strict, assign=True)
+    result = model.load_state_dict(tensors, strict=strict, assign=True)
     for members in groups.values():
         first_mod, first_name = members[0]
         for mod, pname in members[1:]:
             mod._parameters[pname] = first_mod._parameters[first_name]
     for name, t in extra.items():
         mod_name, _, buf = name.rpartition(".")
-        model.get_submodule(mod_name)._buffers[buf] = t
+        try:
+            holder = model.get_submodule(mod_name)
+        except AttributeError:
+            holder = None
+        if holder is None or buf not in holder._buffers:  # the model has no such buffer
+            if strict:
+                raise RuntimeError(f"Error(s) in loading {path!r}: Unexpected key(s): {name!r} (a buffer the model lacks)")
+            result.unexpected_keys.append(name)
+            continue
+        holder._buffers[buf] = t
     _init_missing_buffers(model, device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
+    if left and strict:
         raise ValueError(f"{len(left)} tensors are still on the meta device after loading {path!r}, e.g. {left[:3]}")
-    return model
+    return result

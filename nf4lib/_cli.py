@@ -17,8 +17,10 @@ import os
 import signal
 import sys
 
-from ._convert import DEFAULT_EXCLUDE, progress_bar
-from ._stream import CheckpointError, StreamingWriter, checkpoint_files, excluded, is_linear_weight, iter_tensors, read_header
+from ._errors import CheckpointError
+
+# torch loads only when a command runs: ``--help``, ``--version`` and usage errors answer at once.
+DEFAULT_EXCLUDE = ("lm_head",)  # the same as nf4lib.convert's (tests/test_cli.py checks)
 
 REPORT_SETTINGS = ("nf4", "nf4+dq", "int4", "fp4")
 _METRICS = ("bits_per_param", "mse", "mae", "rel_l2", "sqnr_db", "max_abs", "cosine")
@@ -69,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _scan(path):
     """(files, {name: (file, dtype, shape)}) of a checkpoint, from the headers only."""
+    from ._safetensors import checkpoint_files, read_header
+
     files = checkpoint_files(path)
     tensors = {}
     for f in files:
@@ -81,14 +85,16 @@ def _scan(path):
 def _chosen(tensors: dict, user_patterns, path) -> set:
     """The linear weights to quantize, after ``--exclude``; a pattern that matches no
     tensor gets a warning on stderr (as ``nf4lib.convert`` warns)."""
+    from ._plan import plan_checkpoint
+
     patterns = user_patterns if user_patterns is not None else list(DEFAULT_EXCLUDE)
-    quantized = sorted(n for n in tensors if ".quant_state." in n)
-    if quantized:
-        raise CheckpointError(f"{path}: already quantized (it holds 4-bit weights, e.g. {quantized[0]!r}); nothing to do")
-    for p in user_patterns or ():
-        if not any(excluded(n, [p]) for n in tensors):
-            print(f"nf4lib: warning: --exclude {p!r} matched no layer", file=sys.stderr)
-    return {n for n, (_, dt, sh) in tensors.items() if is_linear_weight(n, dt, sh) and not excluded(n, patterns)}
+    try:
+        plan = plan_checkpoint({n: (dt, sh) for n, (_, dt, sh) in tensors.items()}, patterns)
+    except ValueError as e:  # already quantized
+        raise CheckpointError(f"{path}: {e}") from None
+    for p in plan.unmatched if user_patterns else ():
+        print(f"nf4lib: warning: --exclude {p!r} matched no layer", file=sys.stderr)
+    return set(plan.layers)
 
 
 def _natural(name: str):
@@ -97,7 +103,7 @@ def _natural(name: str):
 
 
 def _nbytes(dtype: str, shape) -> int:
-    from ._stream import _ITEMSIZE
+    from ._safetensors import _ITEMSIZE
 
     n = 1
     for s in shape:
@@ -118,6 +124,8 @@ def _default_model() -> str:
 
 
 def report(args) -> int:
+    from ._convert import progress_bar
+    from ._safetensors import iter_tensors
     from .analysis import compare_codebooks, summarize
 
     path = args.model or _default_model()
@@ -209,8 +217,10 @@ def _csv(res) -> str:
 
 def quantize_cmd(args) -> int:
     from . import __version__
+    from ._convert import progress_bar
     from ._interop import to_bnb
     from ._quant import quantize
+    from ._safetensors import StreamingWriter, iter_tensors
 
     files, tensors = _scan(args.input)
     out = os.path.abspath(args.output)

@@ -3,94 +3,22 @@
 from __future__ import annotations
 
 import copy
-import fnmatch
+import functools
+import importlib
 import warnings
-from typing import Callable, Iterable, Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ._codebooks import resolve_code
 from ._linear import NF4Linear, check_compute_dtype, code_name_of
+from ._plan import DEFAULT_EXCLUDE, Exclude, plan_modules
 from ._quant import check_blocksize
 
-__all__ = ["convert"]
+__all__ = ["convert", "dequantize_model"]
 
-Exclude = Union[str, Callable[[nn.Module, str], bool], Iterable[Union[str, Callable[[nn.Module, str], bool]]]]
-
-# The default keeps the output head in full precision: quantizing it hurts token
-# prediction most. Held as a constant so the default never warns on models without one.
-DEFAULT_EXCLUDE = ("lm_head",)
 _PROGRESS_MIN_LAYERS = 32
-
-
-def _split_exclude(exclude) -> tuple[list[str], list[Callable]]:
-    if exclude is None:
-        return [], []
-    if isinstance(exclude, str) or callable(exclude):
-        exclude = [exclude]
-    try:
-        items = list(exclude)
-    except TypeError:
-        raise TypeError(f"exclude must be a name, a glob, a predicate or a sequence of them, got {exclude!r}") from None
-    patterns, predicates = [], []
-    for item in items:
-        if isinstance(item, str):
-            patterns.append(item)
-        elif callable(item):
-            predicates.append(item)
-        else:
-            raise TypeError(f"exclude entries must be str or callable (module, name) -> bool, got {item!r}")
-    return patterns, predicates
-
-
-def _matches(pattern: str, name: str) -> bool:
-    # A full dotted name, a last component ("lm_head"), or an fnmatch glob ("*.mlp.*").
-    return name == pattern or name.rsplit(".", 1)[-1] == pattern or fnmatch.fnmatchcase(name, pattern)
-
-
-def plan(model: nn.Module, exclude: Exclude = DEFAULT_EXCLUDE):
-    """Which ``nn.Linear`` modules :func:`convert` turns into NF4, without changing anything.
-
-    Returns:
-        ``(candidates, unmatched, tied)``: ``{id(module): (name, module)}`` in visiting
-        order; the name/glob patterns that matched no module; the names of Linears kept
-        because their weight is tied to a module that stays.
-    """
-    patterns, predicates = _split_exclude(exclude)
-    matched: set[str] = set()
-    excluded_ids: set[int] = set()
-    candidates: dict[int, tuple[str, nn.Linear]] = {}
-
-    def visit(module: nn.Module, name: str, excluded: bool) -> None:
-        if not excluded:
-            hits = [p for p in patterns if _matches(p, name)] if name else []
-            matched.update(hits)
-            # Predicates see Linear layers only (they may read in_features, out_features, ...)
-            is_linear = isinstance(module, nn.Linear)
-            excluded = bool(hits) or (is_linear and any(bool(pred(module, name)) for pred in predicates))
-        if excluded:
-            excluded_ids.add(id(module))
-        elif type(module) is not NF4Linear and isinstance(module, nn.Linear):
-            candidates.setdefault(id(module), (name, module))
-        for child_name, child in module._modules.items():
-            if child is not None:
-                visit(child, f"{name}.{child_name}" if name else child_name, excluded)
-
-    visit(model, "", False)
-    for mid in excluded_ids:
-        candidates.pop(mid, None)  # a module reached by two paths is excluded if either excludes it
-
-    # A weight that a staying module also uses (a tied lm_head / embedding) stays.
-    kept_params = {
-        id(p) for m in model.modules() if id(m) not in candidates for p in m._parameters.values() if p is not None
-    }
-    tied = []
-    for mid, (name, lin) in list(candidates.items()):
-        if id(lin.weight) in kept_params:
-            tied.append(name)
-            del candidates[mid]
-    return candidates, [p for p in patterns if p not in matched], tied
 
 
 def convert(
@@ -150,7 +78,7 @@ def convert(
 
     # 1. Plan on the input: which Linear modules become NF4.
     _check_already_converted(model, blocksize, code, double_quant)
-    candidates, unmatched, tied = plan(model, exclude)
+    candidates, unmatched, tied = plan_modules(model, exclude)
     if exclude is not DEFAULT_EXCLUDE:
         for p in unmatched:
             warnings.warn(f"convert: exclude pattern {p!r} matched no module", stacklevel=2)
@@ -184,19 +112,40 @@ def convert(
     return new_model
 
 
+def _transformers_models(model: nn.Module):
+    """Every transformers model in the tree whose config no outer one shares: the root,
+    or the encoder inside a SentenceTransformer (outermost first)."""
+    done = set()
+    for hf in model.modules():
+        config = getattr(hf, "config", None)
+        if hasattr(hf, "save_pretrained") and type(config).__module__.startswith("transformers") and id(config) not in done:
+            done.add(id(config))
+            yield hf, config
+
+
+@functools.lru_cache(maxsize=None)
+def _bitsandbytes_importable() -> bool:
+    try:
+        importlib.import_module("bitsandbytes")
+    except Exception:  # ImportError, or a broken native library raising its own error
+        return False
+    return True
+
+
 def _record_quantization_config(model: nn.Module, blocksize: int, code, double_quant: bool, compute_dtype) -> None:
     """Write bitsandbytes' ``quantization_config`` into a transformers model's config, so
     ``save_pretrained`` output loads with ``from_pretrained`` (transformers + bitsandbytes)
     as a pre-quantized 4-bit model. Only where bitsandbytes can read the weights: NF4/FP4
-    at its blocksizes; other settings leave the config as it was."""
-    if not (isinstance(code, str) and code.lower() in ("nf4", "fp4") and 32 <= blocksize <= 4096):
-        return
-    # every transformers model in the tree (the root, or the encoder inside a SentenceTransformer)
-    done = set()
-    for hf in model.modules():  # outermost first: an inner LlamaModel shares its parent's config
-        config = getattr(hf, "config", None)
-        if hasattr(hf, "save_pretrained") and type(config).__module__.startswith("transformers") and id(config) not in done:
-            done.add(id(config))
+    at its blocksizes; other settings leave the config as it was. Marks the model
+    ``is_loaded_in_4bit`` as bitsandbytes does (see below for when)."""
+    for hf, config in _transformers_models(model):
+        # PEFT reads ``is_loaded_in_4bit`` as "the base is 4-bit": prepare_model_for_kbit_training
+        # turns on gradient checkpointing and the input-grad hook only then. transformers reads
+        # it as "the weights are bitsandbytes'" and imports bitsandbytes (num_parameters, which
+        # save_pretrained and the Trainer call), so the flag is set only where that import works.
+        if _bitsandbytes_importable():
+            hf.is_loaded_in_4bit = True
+        if isinstance(code, str) and code.lower() in ("nf4", "fp4") and 32 <= blocksize <= 4096:
             _set_bnb_config(hf, config, code, double_quant, compute_dtype)
 
 
@@ -245,7 +194,12 @@ def dequantize_model(model: nn.Module, *, dtype: Optional[torch.dtype] = None) -
             lin = _dense_linear(m, dtype, by_weight.get(id(m.weight)))
             by_weight.setdefault(id(m.weight), lin.weight)  # twins (one weight, two layers) stay tied
             dense[id(m)] = lin
-    return _tree_copy(model, dense)
+    out = _tree_copy(model, dense)
+    for hf, config in _transformers_models(out):  # a full-precision model again: say so
+        hf.__dict__.pop("is_loaded_in_4bit", None)
+        if isinstance(getattr(config, "quantization_config", None), dict) and hasattr(config, "quantization_config"):
+            del config.quantization_config
+    return out
 
 
 def _tree_copy(model: nn.Module, replace: dict) -> nn.Module:

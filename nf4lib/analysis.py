@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ._codebooks import normal_float_levels
-from ._convert import DEFAULT_EXCLUDE, plan
+from ._plan import DEFAULT_EXCLUDE, plan_modules
 from ._quant import bits_per_parameter, check_blocksize, dequantize, quantize
 
 __all__ = [
@@ -186,7 +186,7 @@ def linear_weights(model: nn.Module, exclude=DEFAULT_EXCLUDE) -> list[tuple[str,
     several layers listed once)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    candidates, _, _ = plan(model, exclude)
+    candidates = plan_modules(model, exclude).layers
     out, seen = [], set()
     for name, m in candidates.values():
         if id(m.weight) not in seen:

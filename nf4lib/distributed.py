@@ -66,15 +66,10 @@ class _Checkpoint:
     never holds more than the tensor asked for."""
 
     def __init__(self, source):
-        from ._stream import _FROM_ST, _parse_header, checkpoint_files
+        from ._safetensors import checkpoint_files, index
 
         self.mapping = source if isinstance(source, Mapping) else None
-        self.index = {}
-        if self.mapping is None:
-            for path in checkpoint_files(source):
-                info, _, start = _parse_header(path)
-                for name, (dt, shape, (lo, hi)) in info.items():
-                    self.index[name] = (path, _FROM_ST[dt], shape, start + lo, hi - lo)
+        self.index = {} if self.mapping is not None else index(checkpoint_files(source))
 
     def keys(self) -> Iterable[str]:
         return self.mapping.keys() if self.mapping is not None else self.index.keys()
@@ -87,15 +82,9 @@ class _Checkpoint:
         return None
 
     def get(self, name: str) -> torch.Tensor:
-        if self.mapping is not None:
-            return self.mapping[name]
-        path, dtype, shape, offset, nbytes = self.index[name]
-        t = torch.empty(shape, dtype=dtype)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            if nbytes and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != nbytes:
-                raise ValueError(f"{path}: truncated while reading {name!r}")
-        return t
+        from ._safetensors import read_tensor
+
+        return self.mapping[name] if self.mapping is not None else read_tensor(self.index[name], name)
 
 
 def _trim_heap() -> None:

@@ -25,7 +25,8 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ._convert import DEFAULT_EXCLUDE, _record_quantization_config, plan
+from ._convert import _record_quantization_config
+from ._plan import DEFAULT_EXCLUDE, plan_modules
 from ._linear import NF4Linear
 from ._quant import check_blocksize, quantize
 from ._tensor import NF4Tensor, check_compute_dtype
@@ -99,7 +100,7 @@ class NF4Quantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
         compute = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None
-        candidates, _, _ = plan(model, tuple(cfg.exclude))
+        candidates = plan_modules(model, tuple(cfg.exclude)).layers
         for name, lin in sorted(candidates.values(), key=lambda c: c[0]):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)

@@ -280,7 +280,7 @@ def test_unwritable_output_folder_is_one_line_and_leaves_nothing(capsys, tmp_pat
 
 
 def test_other_os_errors_are_one_line_exit_2(capsys, tmp_path, monkeypatch):
-    from nf4lib import _stream
+    from nf4lib import _safetensors as _stream
 
     src = _small_checkpoint(tmp_path)
 
@@ -312,3 +312,26 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"nf4lib {nf4lib.__version__}"
+
+
+def test_help_and_version_answer_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from nf4lib._cli import main\n"
+        "for argv in (['--help'], ['--version'], ['quantize', '--help'], ['bogus']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage: nf4lib" in r.stdout and "nf4lib 0.1.0" in r.stdout
+    assert "torch loaded: False" in r.stdout
+
+
+def test_cli_default_exclude_is_converts():
+    from nf4lib import _cli, _plan
+
+    assert tuple(_cli.DEFAULT_EXCLUDE) == _plan.DEFAULT_EXCLUDE

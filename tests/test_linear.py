@@ -281,8 +281,9 @@ def test_save_and_load_into_a_meta_skeleton(tmp_path, double_quant):
     with torch.device("meta"):
         skeleton = nf4lib.convert(_mlp(), double_quant=double_quant)
     assert all(t.is_meta for k, t in skeleton.state_dict().items() if "quant_state" not in k)  # nothing materialised
-    loaded = nf4lib.load_quantized(skeleton, path)
-    assert loaded is skeleton
+    result = nf4lib.load_quantized(skeleton, path)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    loaded = skeleton  # loaded in place, as load_state_dict does
     want = qm.state_dict()
     got = loaded.state_dict()
     assert list(got) == list(want)
@@ -291,7 +292,7 @@ def test_save_and_load_into_a_meta_skeleton(tmp_path, double_quant):
     assert torch.equal(loaded.table, torch.arange(4.0))  # non-persistent buffers come back too
     x = torch.randn(3, 64)
     assert torch.equal(loaded(x), qm(x))
-    assert not list(tmp_path.glob(".nf4lib-*"))  # no temporary file left
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "m.safetensors"]  # no temporary file left
 
 
 def test_tied_weights_survive_save_and_load(tmp_path):
@@ -309,7 +310,8 @@ def test_tied_weights_survive_save_and_load(tmp_path):
     nf4lib.save_quantized(qm, path)
     with torch.device("meta"):
         skeleton = nf4lib.convert(Tied())
-    loaded = nf4lib.load_quantized(skeleton, path)
+    nf4lib.load_quantized(skeleton, path)
+    loaded = skeleton
     assert loaded.lm_head.weight is loaded.embed.weight
     assert torch.equal(loaded.embed.weight, qm.embed.weight)
 
@@ -328,8 +330,33 @@ def test_load_errors(tmp_path):
         nf4lib.load_quantized(model, other)
 
 
+def test_load_non_strict_returns_missing_and_unexpected_keys(tmp_path):
+    qm = nf4lib.convert(_mlp())
+    path = tmp_path / "m.safetensors"
+    nf4lib.save_quantized(qm, path)
+
+    class Other(nn.Module):  # the MLP's first layer and norm, plus a layer the file lacks
+        def __init__(self):
+            super().__init__()
+            self.add_module("0", nn.Linear(64, 128))
+            self.add_module("3", nn.LayerNorm(64))
+            self.extra = nn.Linear(4, 4)
+
+    with torch.device("meta"):
+        skeleton = nf4lib.convert(Other())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        nf4lib.load_quantized(skeleton, path)
+    with torch.device("meta"):
+        skeleton = nf4lib.convert(Other())
+    result = nf4lib.load_quantized(skeleton, path, strict=False)
+    assert set(result.missing_keys) == {"extra.weight", "extra.bias"}
+    assert "2.weight" in result.unexpected_keys and "table" in result.unexpected_keys
+    assert torch.equal(getattr(skeleton, "0").weight.packed, qm[0].weight.packed)
+    assert skeleton.extra.weight.is_meta  # what the file lacks stays as it was
+
+
 def test_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
-    import safetensors.torch
+    from nf4lib import _safetensors
 
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"old")
@@ -337,7 +364,7 @@ def test_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(_safetensors.StreamingWriter, "commit", boom)
     with pytest.raises(KeyboardInterrupt):
         nf4lib.save_quantized(nf4lib.convert(_mlp()), path)
     assert path.read_bytes() == b"old"

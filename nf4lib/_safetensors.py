@@ -1,14 +1,13 @@
-"""Layer 6: safetensors checkpoints tensor by tensor, for the command line.
+"""Layer 5: safetensors files, read and written tensor by tensor: the one reader and writer
+behind ``save_quantized`` / ``load_quantized``, the command line and ``load_from_rank0``.
 
-Reading memory-maps the file and copies out one tensor at a time, dropping its pages after. Writing streams each
-tensor's bytes to a temporary file as it is produced, then writes the header and the
-data to a second temporary file that is renamed over the output: memory stays at about
-one tensor whatever the checkpoint's size, and an error or interruption never leaves a
-partial output file.
-
-A bare checkpoint does not say which tensors belong to linear layers. nf4lib takes a
-tensor for a linear weight when it is a 2-D fp32/fp16/bf16 tensor named ``*.weight``
-whose name does not look like an embedding (``embed``, ``wte``, ``wpe``).
+Reading parses the header once (checking that the file holds every byte it promises), then
+either memory-maps the file and copies out one tensor at a time, dropping its pages after
+(:func:`iter_tensors`), or reads one named tensor with plain reads (:func:`read_tensor`).
+Writing streams each tensor's bytes to a temporary file as it is produced, then writes
+the header and the data to a second temporary file that is renamed over the output
+(:class:`StreamingWriter`, :func:`write_file`): memory stays at about one tensor whatever
+the checkpoint's size, and an error or interruption never leaves a partial output file.
 """
 
 from __future__ import annotations
@@ -18,14 +17,14 @@ import mmap
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
-from ._checkpoint import _chmod_like_new_file
-from ._convert import _matches
+from ._errors import CheckpointError
 
-__all__ = ["CheckpointError", "checkpoint_files", "read_header", "iter_tensors", "is_linear_weight", "StreamingWriter"]
+__all__ = ["CheckpointError", "Entry", "checkpoint_files", "read_header", "index", "iter_tensors", "read_tensor",
+           "StreamingWriter", "write_file"]
 
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -36,11 +35,23 @@ _ST_DTYPES = {
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 _FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
-_EMBEDDING_HINTS = ("embed", "wte", "wpe")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or written; the message is one line for the user."""
+class Entry(NamedTuple):
+    """Where one tensor lies: ``path``, its dtype and shape, and its bytes' absolute offset and length."""
+
+    path: str
+    dtype: torch.dtype
+    shape: tuple
+    offset: int
+    nbytes: int
+
+
+def _chmod_like_new_file(path: str) -> None:
+    # mkstemp creates 0600; give the result the mode open() would have (0666 minus umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def checkpoint_files(path) -> list[str]:
@@ -97,6 +108,28 @@ def read_header(path: str) -> tuple[dict, dict]:
     return {k: (dt, sh) for k, (dt, sh, _) in info.items()}, metadata
 
 
+def index(files) -> dict[str, Entry]:
+    """``{name: Entry}`` over one or more files, from their headers only."""
+    out = {}
+    for path in [files] if isinstance(files, (str, os.PathLike)) else files:
+        info, _, start = _parse_header(os.fspath(path))
+        for name, (dt, shape, (lo, hi)) in info.items():
+            out[name] = Entry(os.fspath(path), _FROM_ST[dt], tuple(shape), start + lo, hi - lo)
+    return out
+
+
+def read_tensor(entry: Entry, name: str = "") -> torch.Tensor:
+    """One tensor, read with plain reads into a fresh tensor (no memory map: the process
+    holds only this tensor, whatever the file's size)."""
+    t = torch.empty(entry.shape, dtype=entry.dtype)
+    if entry.nbytes:
+        with open(entry.path, "rb") as f:
+            f.seek(entry.offset)
+            if f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != entry.nbytes:
+                raise CheckpointError(f"{entry.path}: truncated while reading {name!r}")
+    return t
+
+
 def iter_tensors(files: list[str], names=None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` one at a time, in file then storage order.
 
@@ -123,20 +156,6 @@ def iter_tensors(files: list[str], names=None) -> Iterator[tuple[str, torch.Tens
                         start = a - a % page
                         mm.madvise(mmap.MADV_DONTNEED, start, b - start)
                 yield name, t
-
-
-def is_linear_weight(name: str, dtype: str, shape) -> bool:
-    """The module docstring's rule for spotting linear weights in a bare checkpoint."""
-    if not name.endswith(".weight") or len(shape) != 2 or dtype not in ("F32", "F16", "BF16"):
-        return False
-    return not any(h in name.lower() for h in _EMBEDDING_HINTS)
-
-
-def excluded(name: str, patterns) -> bool:
-    """Whether a weight's module (``name`` without ``.weight``) or any parent matches."""
-    module = name[: -len(".weight")] if name.endswith(".weight") else name
-    parts = module.split(".")
-    return any(_matches(p, ".".join(parts[: i + 1])) for p in patterns for i in range(len(parts)))
 
 
 class StreamingWriter:
@@ -207,3 +226,11 @@ class StreamingWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._committed:  # an exception, an interruption, or no commit: leave nothing
             self.abort()
+
+
+def write_file(tensors: dict, path, metadata: dict[str, str]) -> None:
+    """Write ``{name: tensor}`` to ``path`` atomically (see :class:`StreamingWriter`)."""
+    with StreamingWriter(path) as w:
+        for name, t in tensors.items():
+            w.add(name, t)
+        w.commit(metadata)
