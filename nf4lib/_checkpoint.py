@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from ._safetensors import CheckpointError, index, read_header, read_tensor, write_file
+from ._safetensors import CheckpointError, index_file, read_tensor, write_file
 
 
 __all__ = ["save_quantized", "load_quantized"]
@@ -138,7 +138,7 @@ def load_quantized(model: nn.Module, path, *, strict: bool = True, device="cpu")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such checkpoint: {path!r}")
     try:
-        entries, meta = index(path), read_header(path)[1]
+        entries, meta = index_file(path)
         tensors = {k: read_tensor(e, k).to(device) for k, e in entries.items()}
     except CheckpointError as e:
         raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from None

@@ -17,10 +17,9 @@ import os
 import signal
 import sys
 
+# torch loads only when a command runs (the modules that need it are imported inside the
+# commands): ``--help``, ``--version`` and usage errors answer at once.
 from ._errors import CheckpointError
-
-# torch loads only when a command runs: ``--help``, ``--version`` and usage errors answer at once.
-DEFAULT_EXCLUDE = ("lm_head",)  # the same as nf4lib.convert's (tests/test_cli.py checks)
 
 REPORT_SETTINGS = ("nf4", "nf4+dq", "int4", "fp4")
 _METRICS = ("bits_per_param", "mse", "mae", "rel_l2", "sqnr_db", "max_abs", "cosine")
@@ -82,12 +81,19 @@ def _scan(path):
     return files, tensors
 
 
+def _exclude(user_patterns) -> list:
+    """``--exclude`` as given, or convert's default."""
+    from ._plan import DEFAULT_EXCLUDE
+
+    return user_patterns if user_patterns is not None else list(DEFAULT_EXCLUDE)
+
+
 def _chosen(tensors: dict, user_patterns, path) -> set:
     """The linear weights to quantize, after ``--exclude``; a pattern that matches no
     tensor gets a warning on stderr (as ``nf4lib.convert`` warns)."""
     from ._plan import plan_checkpoint
 
-    patterns = user_patterns if user_patterns is not None else list(DEFAULT_EXCLUDE)
+    patterns = _exclude(user_patterns)
     try:
         plan = plan_checkpoint({n: (dt, sh) for n, (_, dt, sh) in tensors.items()}, patterns)
     except ValueError as e:  # already quantized
@@ -129,7 +135,7 @@ def report(args) -> int:
     from .analysis import compare_codebooks, summarize
 
     path = args.model or _default_model()
-    patterns = args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE)
+    patterns = _exclude(args.exclude)
     files, tensors = _scan(path)
     chosen = _chosen(tensors, args.exclude, path)
     layers = sorted(chosen, key=_natural)

@@ -197,7 +197,7 @@ def dequantize_model(model: nn.Module, *, dtype: Optional[torch.dtype] = None) -
     out = _tree_copy(model, dense)
     for hf, config in _transformers_models(out):  # a full-precision model again: say so
         hf.__dict__.pop("is_loaded_in_4bit", None)
-        if isinstance(getattr(config, "quantization_config", None), dict) and hasattr(config, "quantization_config"):
+        if isinstance(getattr(config, "quantization_config", None), dict):
             del config.quantization_config
     return out
 

@@ -188,9 +188,7 @@ class NF4Linear(nn.Linear):
 
     @compute_dtype.setter
     def compute_dtype(self, dtype: torch.dtype) -> None:
-        check_compute_dtype(dtype)
-        if dtype is None:
-            raise ValueError("compute_dtype must be torch.float32, torch.float16, torch.bfloat16 or torch.float64, got None")
+        _check_dtype(dtype)  # None too: a weight always has a dtype
         self.weight.data = self.weight.data.to(dtype)  # a new compute dtype over the same bytes
 
     @property

@@ -23,7 +23,7 @@ import torch
 
 from ._errors import CheckpointError
 
-__all__ = ["CheckpointError", "Entry", "checkpoint_files", "read_header", "index", "iter_tensors", "read_tensor",
+__all__ = ["CheckpointError", "Entry", "checkpoint_files", "read_header", "index", "index_file", "iter_tensors", "read_tensor",
            "StreamingWriter", "write_file"]
 
 _ST_DTYPES = {
@@ -108,13 +108,20 @@ def read_header(path: str) -> tuple[dict, dict]:
     return {k: (dt, sh) for k, (dt, sh, _) in info.items()}, metadata
 
 
+def index_file(path) -> tuple[dict[str, Entry], dict]:
+    """``({name: Entry}, metadata)`` of one file, from its header only."""
+    path = os.fspath(path)
+    info, metadata, start = _parse_header(path)
+    entries = {name: Entry(path, _FROM_ST[dt], tuple(shape), start + lo, hi - lo)
+               for name, (dt, shape, (lo, hi)) in info.items()}
+    return entries, metadata
+
+
 def index(files) -> dict[str, Entry]:
-    """``{name: Entry}`` over one or more files, from their headers only."""
+    """``{name: Entry}`` over several files (a sharded checkpoint), from their headers only."""
     out = {}
-    for path in [files] if isinstance(files, (str, os.PathLike)) else files:
-        info, _, start = _parse_header(os.fspath(path))
-        for name, (dt, shape, (lo, hi)) in info.items():
-            out[name] = Entry(os.fspath(path), _FROM_ST[dt], tuple(shape), start + lo, hi - lo)
+    for path in files:
+        out.update(index_file(path)[0])
     return out
 
 

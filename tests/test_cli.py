@@ -331,7 +331,10 @@ def test_help_and_version_answer_without_importing_torch():
     assert "torch loaded: False" in r.stdout
 
 
-def test_cli_default_exclude_is_converts():
+def test_cli_default_exclude_is_converts(capsys):
     from nf4lib import _cli, _plan
 
-    assert tuple(_cli.DEFAULT_EXCLUDE) == _plan.DEFAULT_EXCLUDE
+    assert _cli._exclude(None) == list(_plan.DEFAULT_EXCLUDE)
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    assert f"default: {', '.join(_plan.DEFAULT_EXCLUDE)})" in " ".join(capsys.readouterr().out.split())
