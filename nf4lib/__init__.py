@@ -12,39 +12,42 @@ import sys
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "nf4_levels",
-    "normal_float_levels",
-    "fp4_levels",
-    "int4_levels",
-    "dynamic_map",
-    "QuantizedTensor",
-    "DoubleQuantized",
-    "quantize",
-    "dequantize",
-    "double_quantize",
-    "double_dequantize",
-    "bits_per_parameter",
-    "quantized_linear",
-    "NF4Tensor",
-    "NF4Linear",
-    "convert",
-    "dequantize_model",
-    "from_bnb",
-    "to_bnb",
-    "save_quantized",
-    "load_quantized",
-    "analysis",
-]
+# public name -> the private module that defines it (None: the name is a submodule)
+_HOME = {
+    "nf4_levels": "_codebooks",
+    "normal_float_levels": "_codebooks",
+    "fp4_levels": "_codebooks",
+    "int4_levels": "_codebooks",
+    "dynamic_map": "_double",
+    "QuantizedTensor": "_records",
+    "DoubleQuantized": "_records",
+    "quantize": "_quant",
+    "dequantize": "_quant",
+    "double_quantize": "_double",
+    "double_dequantize": "_double",
+    "bits_per_parameter": "_quant",
+    "quantized_linear": "_ops",
+    "NF4Tensor": "_tensor",
+    "NF4Linear": "_linear",
+    "convert": "_convert",
+    "dequantize_model": "_convert",
+    "from_bnb": "_interop",
+    "to_bnb": "_interop",
+    "save_quantized": "_checkpoint",
+    "load_quantized": "_checkpoint",
+    "analysis": None,
+}
+__all__ = list(_HOME)
 
 
 def _load() -> None:
-    """Import the library and bind its public names here (once)."""
-    from . import _api
+    """Import the library, register its kernels, and bind its public names here (once)."""
+    from . import backends  # noqa: F401  (registers the device kernels)
 
     g = globals()
-    for name in __all__:
-        g[name] = getattr(_api, name)
+    for name, home in _HOME.items():
+        module = importlib.import_module(f".{home or name}", __name__)
+        g[name] = module if home is None else getattr(module, name)
 
 
 def __getattr__(name: str):

@@ -297,9 +297,10 @@ def test_peft_parity_table(bnb, peft, transformers, checkpoint, tmp_path):
     rows = []
     for name, (_, says) in METHODS.items():
         cells = []
+        work = tmp_path / name.replace(" ", "_").replace("/", "_").replace('"', "")
+        work.mkdir()
         for kind in ("bitsandbytes", "nf4lib"):
-            (tmp_path / name.replace(" ", "_").replace("/", "_").replace('"', "")).mkdir(exist_ok=True)
-            status, _ = _outcome(kind, name, checkpoint, transformers, peft, tmp_path / name.replace(" ", "_").replace("/", "_").replace('"', ""))
+            status, _ = _outcome(kind, name, checkpoint, transformers, peft, work)
             cells.append("works" if status == "ok" else f"fails ({status})")
         rows.append(f"| {name} | {cells[0]} | {cells[1]} | {says} |")
     print("\n| PEFT method | bitsandbytes 4-bit | nf4lib | result |\n|---|---|---|---|\n" + "\n".join(rows))
