@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _compiled
+from . import _compiled, _native
 from ._codebooks import CODE_NAMES, build_search_tables, named_code, named_thresholds, named_to_storage, resolve_code
 from ._double import double_quantize
 from ._halves import run_halves
@@ -164,6 +164,12 @@ def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: 
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
     packed_parts, absmax_parts = [], []
+    if in_place and _native.usable(flat):
+        # the native kernel: the same bytes in one pass, multithreaded, nothing to compile
+        if not _native.quantize_into(flat.contiguous(), blocksize, thresholds, storage, packed, absmax):
+            _raise_not_finite(flat, blocksize)
+        stored = double_quantize(absmax) if double_quant else absmax
+        return QuantizedTensor(packed, stored, levels.to(device), tuple(x.shape), x.dtype, blocksize)
 
     def emit(p, a, row):
         if in_place:
@@ -269,6 +275,17 @@ def _dequantize_chunked(packed, absmax, code, n: int, blocksize: int, dtype) -> 
     return out
 
 
+def _scale_tensors(q: QuantizedTensor) -> tuple:
+    a = q.absmax
+    return (a.codes, a.scales, a.offset, a.code, q.code) if q.double_quant else (a, q.code)
+
+
+def _native_ok(q: QuantizedTensor) -> bool:
+    # the native kernels shift by log2(blocksize): powers of two only (quantize makes no other)
+    nested = q.absmax.blocksize if q.double_quant else 1
+    return not _transforms_active() and q.blocksize & (q.blocksize - 1) == 0 and nested & (nested - 1) == 0
+
+
 def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rebuild the tensor: ``w[i] = code[q[i]] * absmax[i // blocksize]`` in float32, then cast.
 
@@ -288,10 +305,15 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     dtype = q.dtype if dtype is None else dtype
     check_output_dtype(dtype)
     n = q.numel
-    absmax = q.scales.dequantize()
-    code = q.code.to(torch.float32)
     if n == 0:
         return torch.empty(q.shape, dtype=dtype, device=q.packed.device)
+    if dtype in _FLOAT_DTYPES and _native_ok(q) and _native.usable(q.packed, *_scale_tensors(q)):
+        # the native kernel: one pass, double-quantized scales decoded in it
+        out = empty_large(n, dtype, q.packed.device)
+        _native.decode_into(out, q)
+        return out.view(q.shape)
+    absmax = q.scales.dequantize()
+    code = q.code.to(torch.float32)
     if _transforms_active():
         out = _dequantize_pure(q.packed, absmax, code, n, q.blocksize, dtype)
     else:

@@ -1,4 +1,5 @@
-"""CPU dequantize of large tensors: huge-page output buffers and the two-thread split."""
+"""CPU dequantize of large tensors in the pure-PyTorch path (the fallback without the
+native library): huge-page output buffers and the two-thread split."""
 
 import pathlib
 import sys
@@ -49,7 +50,13 @@ def test_small_meta_and_unavailable_fall_back_to_torch_empty(monkeypatch):
 import multiprocessing  # noqa: E402
 
 import nf4lib  # noqa: E402
-from nf4lib import _halves, _quant  # noqa: E402
+from nf4lib import _halves, _native, _quant  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _pure_kernels():
+    with _native.disabled():
+        yield
 
 
 def _dequantize_unsplit(q, dtype=None):

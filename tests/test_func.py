@@ -26,8 +26,11 @@ def test_grad_vjp_jacrev_equal_the_dense_formula(double_quant):
     q, w, x, b = _setup(double_quant)
     f = lambda x, b: _loss(nf4lib.quantized_linear(x, q, b))  # noqa: E731
     dense = lambda x, b: _loss(F.linear(x, w, b))  # noqa: E731
+    # The forward differs from F.linear by float32 summation order (~2e-6 here: the CPU
+    # kernel's own matmul and bias add); the loss's sin and its weights up to 23 scale
+    # that into the gradient (measured up to 1e-4 on an AVX2 machine), so 5e-4.
     for got, want in zip(grad(f, argnums=(0, 1))(x, b), grad(dense, argnums=(0, 1))(x, b)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=5e-4, atol=5e-4)
     y, pull = vjp(lambda x: nf4lib.quantized_linear(x, q, b), x)
     ct = torch.randn_like(y)
     torch.testing.assert_close(pull(ct)[0], ct @ w, rtol=1e-5, atol=1e-5)

@@ -1,17 +1,30 @@
-"""CPU kernel: dequantize the weight a tile of rows at a time into one reused buffer and
-multiply each tile as it is made, so the full-precision weight never exists at once and
-each tile is still in cache when the matmul reads it."""
+"""CPU kernel of ``nf4lib::quantized_linear``.
+
+With the native library (``nf4lib._native``):
+
+* batches up to ``GEMV_MAX_ROWS`` rows: the fused decode-dot GEMV; the weight is decoded
+  in registers and never written out, products summed in float32;
+* larger batches: decode a tile of rows at a time into one reused buffer (native,
+  multithreaded) and multiply each tile as it is made, so the full-precision weight
+  never exists at once and each tile is still in cache when the matmul reads it.
+
+Without it, the same tiling with the pure-PyTorch decode (``_quant.dequantize_blocks_into``).
+"""
 
 import math
 
 import torch
 
+from .. import _native
 from .._ops import register_kernel
-from .._quant import dequantize_blocks_into, pair_table
+from .._quant import _scale_tensors, dequantize_blocks_into, pair_table
 from . import default
 
 # ~1M weight elements per tile: big enough for an efficient matmul, small enough for L2/L3.
 _TILE_ELEMS = 1 << 20
+# The fused GEMV re-reads the 4-bit weight once per 8 rows of x; up to 16 rows it beat
+# tile decode + matmul in benchmarks/bench_linear.py (4096x4096, 2 cores).
+GEMV_MAX_ROWS = 16
 
 
 def _compute_dtype(x: torch.Tensor, m: int) -> torch.dtype:
@@ -22,34 +35,53 @@ def _compute_dtype(x: torch.Tensor, m: int) -> torch.dtype:
     return x.dtype
 
 
+def _native_ok(x, q, bias) -> bool:
+    bs = q.blocksize
+    nested = q.absmax.blocksize if q.double_quant else 1
+    powers = bs & (bs - 1) == 0 and nested & (nested - 1) == 0
+    return powers and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _native.usable(x, bias, q.packed, *_scale_tensors(q))
+
+
+def _fresh(y: torch.Tensor, x: torch.Tensor, out_f: int) -> torch.Tensor:
+    # a fresh tensor, not a view of one: FSDP2 (and in-place ops after it) treat views specially
+    out = torch.empty(*x.shape[:-1], out_f, dtype=x.dtype, device=x.device)
+    out.view(-1, out_f).copy_(y)
+    return out
+
+
 @register_kernel("cpu")
 def linear(x, q, bias):
     out_f, in_f = q.shape
     n, bs = q.numel, q.blocksize
-    if n % bs or n == 0 or x.numel() == 0:  # a partial block straddles rows: use the reference
+    if n == 0 or x.numel() == 0:
         return default.linear(x, q, bias)
-    am = q.scales.dequantize()
-    packed = q.packed
+    native = _native_ok(x, q, bias)
+    if not native and n % bs:  # a partial block straddles rows: use the reference
+        return default.linear(x, q, bias)
     x2 = x.reshape(-1, in_f)
     m = x2.shape[0]
+    if native and m <= GEMV_MAX_ROWS:
+        # y = x @ W.T + b, each weight as dequantize(q).to(x.dtype) has it
+        return _fresh(_native.gemv(x2, q, x.dtype, bias), x, out_f)
     dtype = _compute_dtype(x, m)
     xc = x2.to(dtype)
     # rows per tile: a multiple of the rows that make whole blocks
     unit = bs // math.gcd(in_f, bs)
     rows = max(unit, (_TILE_ELEMS // in_f) // unit * unit)
-    table = pair_table(q.code.float())
     buf = torch.empty(min(rows, out_f) * in_f, dtype=dtype, device=x.device)
     out_t = torch.empty(out_f, m, dtype=dtype, device=x.device)  # y.T: each tile fills whole rows
+    if not native:
+        am, table = q.scales.dequantize(), pair_table(q.code.float())
     for r0 in range(0, out_f, rows):
         r1 = min(r0 + rows, out_f)
         e0, e1 = r0 * in_f, r1 * in_f
         tile = buf[: e1 - e0]
-        dequantize_blocks_into(tile, packed[e0 // 2 : e1 // 2], am[e0 // bs : e1 // bs], table, bs)
+        if native:
+            _native.decode_into(tile, q, e0, e1)
+        else:
+            dequantize_blocks_into(tile, q.packed[e0 // 2 : e1 // 2], am[e0 // bs : e1 // bs], table, bs)
         torch.mm(tile.view(r1 - r0, in_f), xc.t(), out=out_t[r0:r1])  # y.T[r0:r1] = W[r0:r1] @ x.T
     y = out_t.t()
     if bias is not None:
         y = y + bias.to(dtype)
-    # a fresh tensor, not a view of one: FSDP2 (and in-place ops after it) treat views specially
-    out = torch.empty(*x.shape[:-1], out_f, dtype=x.dtype, device=x.device)
-    out.view(m, out_f).copy_(y)
-    return out
+    return _fresh(y, x, out_f)

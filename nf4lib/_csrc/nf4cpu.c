@@ -1,0 +1,362 @@
+/* nf4lib native CPU kernels: the portable scalar path, the thread pool, dispatch and
+ * the exported API (see nf4lib/_native.py, which loads this library with ctypes).
+ *
+ * The scalar kernels are written element by element, in the same order of operations
+ * as nf4lib/_quant.py; the AVX2 / AVX-512 files compute the same values faster.
+ */
+#define _GNU_SOURCE
+#include "nf4cpu.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#if NF4_X86
+#include <cpuid.h>
+#endif
+
+#define NF4_API __attribute__((visibility("default")))
+#define NF4_ABI_VERSION 1
+
+/* ------------------------------------------------------------------ scalar kernels */
+
+/* Sorted level index: #{t : thr[t] < v}, so a value on a threshold goes to the lower level. */
+int nf4_level(float v, const float *thr15) {
+    int c = 0;
+    for (int t = 0; t < 15; t++) c += v > thr15[t];
+    return c;
+}
+
+void nf4_decode_scalar(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
+                       int64_t i0, int64_t i1, void *out, int dtype) {
+    const int bsh = nf4_log2(bs);
+    dtype &= ~NF4_STREAM;
+    int64_t block = -1;
+    float a = 0.0f;
+    for (int64_t i = i0; i < i1; i++) {
+        if ((i >> bsh) != block) { block = (i >> bsh); a = nf4_block_scale(sc, block); }
+        float w = code16[nf4_code_at(packed, i)] * a;  /* w = code[q] * absmax, float32 */
+        if (dtype == NF4_BF16) ((uint16_t *)out)[i - i0] = nf4_to_bf16(w);
+        else if (dtype == NF4_F16) ((uint16_t *)out)[i - i0] = nf4_to_f16(w);
+        else ((float *)out)[i - i0] = w;
+    }
+}
+
+void nf4_gemv_scalar(const float *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                     const float *code16, int64_t bs, int dtype, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    const int bsh = nf4_log2(bs);
+    for (int64_t r = r0; r < r1; r++) {
+        float acc[8] = {0};
+        int64_t block = -1;
+        float a = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t i = r * k + j;
+            if ((i >> bsh) != block) { block = (i >> bsh); a = nf4_block_scale(sc, block); }
+            float w = nf4_round_as(code16[nf4_code_at(packed, i)] * a, dtype);
+            for (int mm = 0; mm < m; mm++) acc[mm] += w * x[mm * k + j];
+        }
+        for (int mm = 0; mm < m; mm++) y[mm * ldy + r] = acc[mm];
+    }
+}
+
+void nf4_quantize_scalar(const void *x, int dtype, int64_t b0, int64_t b1, int64_t bs, const float *thr15,
+                         const uint8_t *storage16, uint8_t *packed, float *absmax, int *bad) {
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t base = b * bs;
+        float am = 0.0f;
+        for (int64_t j = 0; j < bs; j++) {
+            float v = nf4_load(x, dtype, base + j), av = v < 0 ? -v : v;
+            if (!(av <= 3.40282347e+38f)) *bad = 1;  /* NaN or Inf */
+            if (av > am) am = av;
+        }
+        absmax[b] = am;
+        /* bitsandbytes' rule for full blocks: multiply by the float32 reciprocal */
+        const float r = 1.0f / (am > 1e-38f ? am : 1e-38f);
+        for (int64_t j = 0; j < bs; j += 2) {
+            int q[2];
+            for (int h = 0; h < 2; h++) {
+                float v = nf4_load(x, dtype, base + j + h) * r;
+                v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+                q[h] = storage16[nf4_level(v, thr15)];
+            }
+            packed[(base + j) / 2] = (uint8_t)((q[0] << 4) | q[1]);
+        }
+    }
+}
+
+/* The partial last block [i0, n): bitsandbytes divides by the clamped absmax and pads
+ * an odd count with one 0. */
+static void quantize_tail(const void *x, int dtype, int64_t i0, int64_t n, const float *thr15,
+                          const uint8_t *storage16, uint8_t *packed, float *absmax_out, int *bad) {
+    float am = 0.0f;
+    for (int64_t i = i0; i < n; i++) {
+        float v = nf4_load(x, dtype, i), av = v < 0 ? -v : v;
+        if (!(av <= 3.40282347e+38f)) *bad = 1;
+        if (av > am) am = av;
+    }
+    am = am > 1e-38f ? am : 1e-38f;
+    *absmax_out = am;
+    for (int64_t i = i0; i < n; i += 2) {
+        int q[2];
+        for (int h = 0; h < 2; h++) {
+            float v = i + h < n ? nf4_load(x, dtype, i + h) / am : 0.0f;
+            v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+            q[h] = storage16[nf4_level(v, thr15)];
+        }
+        packed[i / 2] = (uint8_t)((q[0] << 4) | q[1]);
+    }
+}
+
+static int no_permute(int64_t k, int64_t bs) { (void)k; (void)bs; return 0; }
+
+const nf4_kernels nf4_scalar_kernels = {nf4_decode_scalar, nf4_gemv_scalar, no_permute, nf4_quantize_scalar};
+
+/* ------------------------------------------------------------------ thread pool */
+/* A persistent pool: the caller and up to nthreads - 1 workers take task indices from
+ * one atomic counter. One job at a time; a caller that finds the pool busy (another
+ * Python thread inside a kernel) runs its job alone. A forked child starts afresh. */
+
+typedef void (*nf4_task)(void *ctx, int64_t task);
+
+#define MAX_THREADS 256
+
+static struct {
+    pthread_mutex_t mu, busy;
+    pthread_cond_t wake, done;
+    int nworkers, nwant, finished;
+    unsigned long gen;
+    nf4_task fn;
+    void *ctx;
+    int64_t ntasks;
+    atomic_llong next;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL, NULL, 0, 0};
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void pool_child_reset(void) {
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.nworkers = 0;  /* the parent's workers do not exist in the child */
+}
+
+static void register_atfork(void) { pthread_atfork(NULL, NULL, pool_child_reset); }
+
+static void run_tasks(void) {
+    int64_t t;
+    while ((t = atomic_fetch_add(&pool.next, 1)) < pool.ntasks) pool.fn(pool.ctx, t);
+}
+
+static void *worker(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    /* Generations start at 1, so a worker started for the job in flight (created
+     * before that job's gen++, running after it) takes part in it. */
+    unsigned long seen = 0;
+    pthread_mutex_lock(&pool.mu);
+    for (;;) {
+        while (pool.gen == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+        seen = pool.gen;
+        if (id >= pool.nwant) continue;
+        pthread_mutex_unlock(&pool.mu);
+        run_tasks();
+        pthread_mutex_lock(&pool.mu);
+        if (++pool.finished == pool.nwant) pthread_cond_signal(&pool.done);
+    }
+    return NULL;
+}
+
+static void parallel_for(nf4_task fn, void *ctx, int64_t ntasks, int nthreads) {
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads > ntasks) nthreads = (int)ntasks;
+    if (nthreads <= 1 || pthread_mutex_trylock(&pool.busy) != 0) {
+        for (int64_t t = 0; t < ntasks; t++) fn(ctx, t);
+        return;
+    }
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.nworkers < nthreads - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int err = pthread_create(&th, &attr, worker, (void *)(intptr_t)pool.nworkers);
+        pthread_attr_destroy(&attr);
+        if (err) break;  /* fewer threads than asked: the results are the same */
+        pool.nworkers++;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.ntasks = ntasks;
+    atomic_store(&pool.next, 0);
+    pool.nwant = nthreads - 1 < pool.nworkers ? nthreads - 1 : pool.nworkers;
+    pool.finished = 0;
+    pool.gen++;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    run_tasks();
+    pthread_mutex_lock(&pool.mu);
+    while (pool.finished < pool.nwant) pthread_cond_wait(&pool.done, &pool.mu);
+    pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&pool.busy);
+}
+
+/* ------------------------------------------------------------------ dispatch */
+
+#if NF4_X86
+static int detect_isa(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return NF4_ISA_SCALAR;
+    const int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
+    if (!(osxsave && avx)) return NF4_ISA_SCALAR;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    const uint64_t xcr0 = ((uint64_t)hi << 32) | lo;
+    if ((xcr0 & 6) != 6) return NF4_ISA_SCALAR;  /* the OS saves no YMM state */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return NF4_ISA_SCALAR;
+    const int avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1;
+    if (!(avx2 && fma && f16c)) return NF4_ISA_SCALAR;
+    if (avx512f && (xcr0 & 0xE6) == 0xE6) return NF4_ISA_AVX512;
+    return NF4_ISA_AVX2;
+}
+#else
+static int detect_isa(void) { return NF4_ISA_SCALAR; }
+#endif
+
+static int best_isa = -1, cur_isa = -1;
+
+static const nf4_kernels *kernels(void) {
+    if (cur_isa < 0) cur_isa = best_isa = detect_isa();
+#if NF4_X86
+    if (cur_isa == NF4_ISA_AVX512) return &nf4_avx512_kernels;
+    if (cur_isa == NF4_ISA_AVX2) return &nf4_avx2_kernels;
+#endif
+    return &nf4_scalar_kernels;
+}
+
+NF4_API int nf4_abi_version(void) { return NF4_ABI_VERSION; }
+
+/* The best instruction set this CPU and build support. */
+NF4_API int nf4_best_isa(void) { kernels(); return best_isa; }
+
+/* Use `isa` (capped at the best supported) from now on; returns the one in force. */
+NF4_API int nf4_set_isa(int isa) {
+    kernels();
+    cur_isa = isa < 0 ? 0 : (isa > best_isa ? best_isa : isa);
+    return cur_isa;
+}
+
+NF4_API int nf4_get_isa(void) { kernels(); return cur_isa; }
+
+/* ------------------------------------------------------------------ exported kernels */
+
+/* Work is cut into tasks of about this many elements (whole 64-element chunks). */
+#define TASK_ELEMS (1 << 16)
+
+typedef struct {
+    const nf4_kernels *kn;
+    const uint8_t *packed;
+    const nf4_scales *sc;
+    const float *code16;
+    int64_t bs, i0, i1, step;
+    char *out;
+    int dtype, esize;
+} decode_job;
+
+static void decode_task(void *p, int64_t t) {
+    const decode_job *j = p;
+    int64_t s = j->i0 + t * j->step, e = s + j->step < j->i1 ? s + j->step : j->i1;
+    j->kn->decode(j->packed, j->sc, j->code16, j->bs, s, e, j->out + (s - j->i0) * j->esize, j->dtype);
+}
+
+/* Elements [i0, i1) of the weight, written to out[0 .. i1 - i0) as float32/bf16/fp16
+ * (dtype | NF4_STREAM: with non-temporal stores where the instruction set has them). */
+NF4_API int nf4_decode(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
+                       int64_t i0, int64_t i1, void *out, int dtype, int nthreads) {
+    if (i1 <= i0) return 0;
+    const int plain = dtype & ~NF4_STREAM;
+    decode_job j = {kernels(), packed, sc, code16, bs, i0, i1, TASK_ELEMS, out, dtype, plain == NF4_F32 ? 4 : 2};
+    parallel_for(decode_task, &j, (i1 - i0 + TASK_ELEMS - 1) / TASK_ELEMS, nthreads);
+    return 0;
+}
+
+typedef struct {
+    const nf4_kernels *kn;
+    const float *x;
+    int m;
+    int64_t k, n, rows_per_task, bs;
+    const uint8_t *packed;
+    const nf4_scales *sc;
+    const float *code16;
+    int dtype;
+    float *y;
+} gemv_job;
+
+static void gemv_task(void *p, int64_t t) {
+    const gemv_job *j = p;
+    int64_t r0 = t * j->rows_per_task, r1 = r0 + j->rows_per_task < j->n ? r0 + j->rows_per_task : j->n;
+    for (int m0 = 0; m0 < j->m; m0 += 8) {  /* at most 8 rows of x at a time */
+        int mm = j->m - m0 < 8 ? j->m - m0 : 8;
+        j->kn->gemv(j->x + (int64_t)m0 * j->k, mm, j->k, j->packed, j->sc, j->code16, j->bs, j->dtype,
+                    r0, r1, j->y + (int64_t)m0 * j->n, j->n);
+    }
+}
+
+/* y (m x n, float32) = x (m x k, float32) @ W.T (+ bias), W (n x k) the 4-bit weight,
+ * each weight rounded to `dtype` first (as dequantize(q).to(x.dtype) would), products
+ * summed in float32. Returns 0, or -1 if scratch memory ran out. */
+NF4_API int nf4_gemv(const float *x, int64_t m, int64_t n, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                     const float *code16, int64_t bs, int dtype, const float *bias, float *y, int nthreads) {
+    const nf4_kernels *kn = kernels();
+    float *xp = NULL;
+    if (m <= 0 || n <= 0) return 0;
+#if NF4_X86
+    if (kn->wants_permuted_x(k, bs)) {
+        xp = malloc(sizeof(float) * (size_t)(m * k));
+        if (!xp) return -1;
+        nf4_avx2_permute_x(x, xp, (int)m, k);
+    }
+#endif
+    int64_t rows = (TASK_ELEMS / 4) / (k > 0 ? k : 1);
+    rows = rows < 4 ? 4 : rows;
+    gemv_job j = {kn, xp ? xp : x, (int)m, k, n, rows, bs, packed, sc, code16, dtype, y};
+    parallel_for(gemv_task, &j, (n + rows - 1) / rows, nthreads);
+    free(xp);
+    if (bias)
+        for (int64_t mm = 0; mm < m; mm++)
+            for (int64_t r = 0; r < n; r++) y[mm * n + r] += bias[r];
+    return 0;
+}
+
+typedef struct {
+    const nf4_kernels *kn;
+    const void *x;
+    int dtype;
+    int64_t nblocks, blocks_per_task, bs;
+    const float *thr15;
+    const uint8_t *storage16;
+    uint8_t *packed;
+    float *absmax;
+    atomic_int bad;
+} quant_job;
+
+static void quant_task(void *p, int64_t t) {
+    quant_job *j = p;
+    int64_t b0 = t * j->blocks_per_task, b1 = b0 + j->blocks_per_task < j->nblocks ? b0 + j->blocks_per_task : j->nblocks;
+    int bad = 0;
+    j->kn->quantize(j->x, j->dtype, b0, b1, j->bs, j->thr15, j->storage16, j->packed, j->absmax, &bad);
+    if (bad) atomic_store(&j->bad, 1);
+}
+
+/* Quantize n values (float32/bf16/fp16) into packed ((n + 1) / 2 bytes) and absmax
+ * (ceil(n / bs) floats). thr15: the 15 sorted decision thresholds (+inf padded);
+ * storage16: sorted level index -> stored code. Returns 1 if x holds NaN or Inf. */
+NF4_API int nf4_quantize(const void *x, int dtype, int64_t n, int64_t bs, const float *thr15, const uint8_t *storage16,
+                         uint8_t *packed, float *absmax, int nthreads) {
+    quant_job j = {kernels(), x, dtype, n / bs, 0, bs, thr15, storage16, packed, absmax, 0};
+    j.blocks_per_task = TASK_ELEMS / bs > 0 ? TASK_ELEMS / bs : 1;
+    if (j.nblocks) parallel_for(quant_task, &j, (j.nblocks + j.blocks_per_task - 1) / j.blocks_per_task, nthreads);
+    int bad = atomic_load(&j.bad);
+    if (n % bs) quantize_tail(x, dtype, j.nblocks * bs, n, thr15, storage16, packed, absmax + j.nblocks, &bad);
+    return bad;
+}

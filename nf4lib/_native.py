@@ -1,0 +1,279 @@
+"""Layer 2 helper: the optional native CPU kernels (``nf4lib/_csrc``), loaded with ctypes.
+
+A small C library, built when the package is installed (``setup.py``: an optional
+extension, plain C with no Python or PyTorch headers, so one build serves every PyTorch
+version). It decodes (dequantize, and the fused decode-dot GEMV of small batches) and
+quantizes at close to memory speed, with runtime dispatch between AVX-512, AVX2 and a
+portable scalar path, multithreaded over ``torch.get_num_threads()`` threads. Every
+kernel computes the values of the pure-PyTorch kernels in ``_quant`` (the readable
+reference): the same bytes from quantize, the same values from dequantize, and the
+GEMV within float32 summation-order rounding.
+
+Without the library (no C compiler at install, a failed load) nf4lib warns once and
+runs the pure-PyTorch kernels. Switches:
+
+* ``NF4LIB_NATIVE=0``: never use the library.
+* ``NF4LIB_ISA=scalar|avx2|avx512``: the instruction set to use (capped at what the CPU
+  runs); :func:`use_isa` does the same for a block of code.
+* ``NF4LIB_NATIVE_LIB=PATH``: load this file instead of the packaged one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.machinery
+import os
+import pathlib
+import threading
+import warnings
+
+import torch
+
+from ._records import DoubleQuantized, QuantizedTensor
+
+__all__ = ["available", "isa", "supported_isas", "use_isa", "disabled", "usable", "decode_into", "gemv", "quantize_into"]
+
+ISAS = ("scalar", "avx2", "avx512")
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ABI = 1
+_lock = threading.RLock()  # re-entered by the self-check, which quantizes with the library off
+_state = {"lib": None, "tried": False, "off": 0}
+
+
+class _Scales(ctypes.Structure):
+    # mirrors nf4_scales in nf4cpu.h
+    _fields_ = [
+        ("absmax", ctypes.c_void_p), ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+        ("map", ctypes.c_void_p), ("offset", ctypes.c_float), ("group_shift", ctypes.c_int64),
+    ]
+
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "nf4_abi_version": ([], _INT),
+    "nf4_best_isa": ([], _INT),
+    "nf4_set_isa": ([_INT], _INT),
+    "nf4_get_isa": ([], _INT),
+    "nf4_decode": ([_P, ctypes.POINTER(_Scales), _P, _I64, _I64, _I64, _P, _INT, _INT], _INT),
+    "nf4_gemv": ([_P, _I64, _I64, _I64, _P, ctypes.POINTER(_Scales), _P, _I64, _INT, _P, _P, _INT], _INT),
+    "nf4_quantize": ([_P, _INT, _I64, _I64, _P, _P, _P, _P, _INT], _INT),
+}
+
+
+def _library_path() -> pathlib.Path | None:
+    override = os.environ.get("NF4LIB_NATIVE_LIB")
+    if override:
+        return pathlib.Path(override)
+    here = pathlib.Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_nf4cpu{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def _load():
+    path = _library_path()
+    if path is None:
+        raise OSError("the library was not built (no C compiler when nf4lib was installed?)")
+    lib = ctypes.CDLL(str(path))
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    if lib.nf4_abi_version() != _ABI:
+        raise OSError(f"{path.name} has ABI version {lib.nf4_abi_version()}, expected {_ABI}: rebuild it (pip install -e .)")
+    return lib
+
+
+def _lib():
+    """The loaded library, or None (disabled, or unavailable: warned once)."""
+    if _state["off"] or os.environ.get("NF4LIB_NATIVE", "1") == "0":
+        return None
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                try:
+                    lib = _load()
+                    _select_isa(lib)
+                    _state["lib"] = lib
+                except (OSError, AttributeError) as err:
+                    warnings.warn(f"nf4lib: native CPU kernels unavailable ({err}); using the pure-PyTorch kernels", stacklevel=3)
+                _state["tried"] = True
+    return _state["lib"]
+
+
+def _select_isa(lib) -> None:
+    wanted = os.environ.get("NF4LIB_ISA")
+    if wanted is not None:
+        if wanted not in ISAS:
+            raise OSError(f"NF4LIB_ISA must be one of {ISAS}, got {wanted!r}")
+        lib.nf4_set_isa(ISAS.index(wanted))
+    # A self-check of the chosen SIMD path against the scalar one: a wrong result on a
+    # CPU these kernels were never run on (AVX-512 was not available where they were
+    # written) falls back a level instead of returning wrong numbers.
+    while lib.nf4_get_isa() > 0 and not _self_check(lib):
+        bad = ISAS[lib.nf4_get_isa()]
+        lib.nf4_set_isa(lib.nf4_get_isa() - 1)
+        warnings.warn(f"nf4lib: the {bad} kernels disagree with the scalar ones on this CPU; using {ISAS[lib.nf4_get_isa()]}")
+
+
+def _self_check(lib) -> bool:
+    """The chosen SIMD path against the scalar one on random codes and scales (a few ms)."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (24, 192)
+    n = shape[0] * shape[1]
+    packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen)
+    code = torch.linspace(-1, 1, 16)
+    plain = QuantizedTensor(packed, torch.rand(n // 64, generator=gen), code, shape, torch.float32, 64)
+    nested = DoubleQuantized(torch.randint(0, 256, (n // 32,), dtype=torch.uint8, generator=gen),
+                             torch.rand(1, generator=gen), torch.tensor(0.25), torch.linspace(-1, 1, 256), 256)
+    records = (plain, QuantizedTensor(packed, nested, code, shape, torch.float32, 32))
+    x = torch.randn(3, shape[1], generator=gen)
+    chosen = lib.nf4_get_isa()
+    for q in records:
+        results = []
+        for level in (chosen, 0):
+            lib.nf4_set_isa(level)
+            out = [torch.empty(n, dtype=d) for d in _CODES]
+            for o in out:
+                decode_into(o, q, lib=lib)
+            results.append((out, gemv(x, q, torch.bfloat16, None, lib=lib)))
+        lib.nf4_set_isa(chosen)
+        (fast, y_fast), (slow, y_slow) = results
+        if not all(torch.equal(a, b) for a, b in zip(fast, slow)) or not torch.allclose(y_fast, y_slow, rtol=1e-5, atol=1e-5):
+            return False
+    return True
+
+
+def available() -> bool:
+    """True when the native library is loaded and enabled."""
+    return _lib() is not None
+
+
+def isa() -> str:
+    """The instruction set the native kernels use now: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
+    lib = _lib()
+    return "none" if lib is None else ISAS[lib.nf4_get_isa()]
+
+
+def supported_isas() -> tuple:
+    """The instruction sets this CPU (and build) can run, slowest first."""
+    lib = _lib()
+    return () if lib is None else ISAS[: lib.nf4_best_isa() + 1]
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Run the native kernels with instruction set ``name`` inside the block (tests,
+    benchmarks). Raises ValueError if the CPU cannot run it or the library is missing."""
+    lib = _lib()
+    if name not in supported_isas():
+        raise ValueError(f"instruction set {name!r} is not available here (supported: {supported_isas()})")
+    old = lib.nf4_get_isa()
+    lib.nf4_set_isa(ISAS.index(name))
+    try:
+        yield
+    finally:
+        lib.nf4_set_isa(old)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Use the pure-PyTorch kernels inside the block (nesting allowed)."""
+    with _lock:
+        _state["off"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["off"] -= 1
+
+
+def usable(*tensors) -> bool:
+    """True when these tensors can go through the native kernels: the library is there,
+    they are plain CPU tensors and none needs a gradient."""
+    if _lib() is None:
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+            return False
+        if t.device.type != "cpu" or t.requires_grad:
+            return False
+    return True
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _scales_struct(q):
+    """(struct, tensors to keep alive) for a record's per-block scales."""
+    absmax = q.absmax
+    if isinstance(absmax, DoubleQuantized):
+        keep = [absmax.codes.contiguous(), absmax.scales.float().contiguous(), absmax.code.float().contiguous()]
+        s = _Scales(None, _ptr(keep[0]), _ptr(keep[1]), _ptr(keep[2]), float(absmax.offset), absmax.blocksize.bit_length() - 1)
+    else:
+        keep = [absmax.float().contiguous()]
+        s = _Scales(_ptr(keep[0]), None, None, None, 0.0, 0)
+    return s, keep
+
+
+def _code16(q) -> torch.Tensor:
+    code = torch.zeros(16, dtype=torch.float32)
+    code[: q.code.numel()] = q.code.float()
+    return code
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+# Outputs from this size are written with non-temporal stores (they would not stay in
+# cache anyway); smaller ones, such as the linear kernel's tiles, stay cached for the matmul.
+_STREAM_BYTES = 8 << 20
+
+
+def decode_into(out: torch.Tensor, q, start: int = 0, stop: int | None = None, *, lib=None) -> None:
+    """Write elements ``[start, stop)`` of ``q``'s flattened weight into ``out``
+    (contiguous float32/bf16/fp16, ``stop - start`` elements), as ``dequantize`` would."""
+    lib = lib or _lib()
+    stop = q.numel if stop is None else stop
+    mode = _CODES[out.dtype] | (256 if (stop - start) * out.element_size() >= _STREAM_BYTES else 0)
+    scales, keep = _scales_struct(q)
+    packed, code = q.packed.contiguous(), _code16(q)
+    lib.nf4_decode(_ptr(packed), ctypes.byref(scales), _ptr(code), q.blocksize, start, stop, _ptr(out), mode, _threads())
+    del keep
+
+
+def gemv(x: torch.Tensor, q, dtype: torch.dtype, bias: torch.Tensor | None, *, lib=None) -> torch.Tensor:
+    """``x @ W.T + bias`` in float32, ``x`` ``(m, in_features)``, each weight rounded to
+    ``dtype`` as ``dequantize(q).to(dtype)`` has it; returns float32 ``(m, out_features)``."""
+    lib = lib or _lib()
+    out_f, in_f = q.shape
+    xf = x.float().contiguous()
+    y = torch.empty(xf.shape[0], out_f, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    scales, keep = _scales_struct(q)
+    packed, code = q.packed.contiguous(), _code16(q)
+    rc = lib.nf4_gemv(
+        _ptr(xf), xf.shape[0], out_f, in_f, _ptr(packed), ctypes.byref(scales), _ptr(code), q.blocksize,
+        _CODES[dtype], None if b is None else _ptr(b), _ptr(y), _threads(),
+    )
+    del keep
+    if rc != 0:
+        raise MemoryError("nf4lib: the native GEMV could not allocate its scratch buffer")
+    return y
+
+
+def quantize_into(flat: torch.Tensor, blocksize: int, thresholds: torch.Tensor, storage: torch.Tensor | None,
+                  packed: torch.Tensor, absmax: torch.Tensor) -> bool:
+    """Quantize the contiguous CPU tensor ``flat`` into ``packed`` / ``absmax`` (as
+    ``quantize`` lays them out); False if it holds a NaN or Inf."""
+    lib = _lib()
+    thr = thresholds.float().contiguous()
+    st = torch.arange(16, dtype=torch.uint8) if storage is None else storage.to(torch.uint8).contiguous()
+    bad = lib.nf4_quantize(_ptr(flat), _CODES[flat.dtype], flat.numel(), blocksize, _ptr(thr), _ptr(st), _ptr(packed), _ptr(absmax), _threads())
+    return not bad
