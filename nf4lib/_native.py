@@ -192,15 +192,17 @@ def disabled():
 
 def usable(*tensors) -> bool:
     """True when these tensors can go through the native kernels: the library is there,
-    they are plain CPU tensors and none needs a gradient."""
-    if _lib() is None:
+    no torch.func transform or compile is tracing, and they are plain CPU tensors with
+    storage, none needing a gradient."""
+    if _lib() is None or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return False
     for t in tensors:
         if t is None:
             continue
         if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
             return False
-        if t.device.type != "cpu" or t.requires_grad:
+        # functorch wrappers (vmap, grad levels) are typed torch.Tensor but have no storage
+        if t.device.type != "cpu" or t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t):
             return False
     return True
 

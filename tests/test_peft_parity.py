@@ -260,7 +260,11 @@ def test_peft_method_on_nf4lib_matches_bitsandbytes(name, bnb, peft, transformer
         if isinstance(ref[key], str):
             assert got[key] == ref[key], key
         else:
-            torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+            # nf4lib's fused CPU GEMV (batches <= 16 rows) sums in another order than
+            # bitsandbytes' dequantize + matmul: float32 rounding, measured up to 3.2e-6
+            # of a tensor's largest value (the logits after 3 AdamW steps)
+            scale = float(ref[key].abs().max()) if ref[key].is_floating_point() and ref[key].numel() else 0.0
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=max(1e-6, 1e-5 * scale), msg=f"{name}: {key}")
 
 
 def _requantized(w):

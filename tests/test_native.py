@@ -1,0 +1,278 @@
+"""The native CPU kernels (nf4lib._native) against the pure-PyTorch kernels, which stay the
+readable reference: the same bytes from quantize, the same values from dequantize, the
+GEMV within float32 summation-order rounding; every instruction set this CPU runs
+(scalar included), odd sizes, tails, every built-in codebook and a user one, plain and
+double-quantized, thread-count independence, the fallback without the library."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import nf4lib
+from nf4lib import _native, _quant
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason="native library not built")
+
+ISAS = _native.supported_isas() if _native.available() else ()
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+USER_CODE = torch.tensor([-1.0, -0.6, -0.25, 0.0, 0.1, 0.3, 0.55, 0.8, 1.0])
+
+
+def _pure_quantize(x, **kw):
+    with _native.disabled():
+        return nf4lib.quantize(x, **kw)
+
+
+def _pure_dequantize(q, dtype=None):
+    with _native.disabled():
+        return nf4lib.dequantize(q, dtype)
+
+
+def _same_record(a, b):
+    assert torch.equal(a.packed, b.packed)
+    if a.double_quant:
+        for f in ("codes", "scales", "offset"):
+            assert torch.equal(getattr(a.absmax, f), getattr(b.absmax, f)), f
+    else:
+        assert torch.equal(a.absmax, b.absmax)
+
+
+def test_scalar_is_always_there_and_the_isa_switch_works():
+    assert ISAS[0] == "scalar" and _native.isa() in ISAS
+    for name in ISAS:
+        with _native.use_isa(name):
+            assert _native.isa() == name
+    with pytest.raises(ValueError, match="not available"):
+        with _native.use_isa("sse9"):
+            pass
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", [16, 32, 64, 128, 256, 1024, 4096])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantize_and_dequantize_equal_the_pure_kernels(isa, dtype, blocksize, double_quant):
+    # 3 * 4099 elements: not a multiple of any blocksize (a partial last block) and odd
+    x = torch.randn(3, 4099).to(dtype) * 3
+    want = _pure_quantize(x, blocksize=blocksize, double_quant=double_quant)
+    with _native.use_isa(isa):
+        got = nf4lib.quantize(x, blocksize=blocksize, double_quant=double_quant)
+        _same_record(got, want)
+        for out in DTYPES:
+            assert torch.equal(nf4lib.dequantize(want, out), _pure_dequantize(want, out)), out
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("code", ["nf4", "fp4", "int4", USER_CODE])
+def test_every_codebook(isa, code):
+    x = torch.randn(130, 70, dtype=torch.bfloat16)
+    x[0, :5] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.0])  # zeros and tiny values
+    x[1] = 0.0  # an all-zero block
+    want = _pure_quantize(x, code=code, blocksize=64)
+    with _native.use_isa(isa):
+        got = nf4lib.quantize(x, code=code, blocksize=64)
+        _same_record(got, want)
+        assert torch.equal(nf4lib.dequantize(want), _pure_dequantize(want))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_values_on_thresholds_and_extremes(isa):
+    # values exactly on decision thresholds (ties go low), +-absmax, subnormals, fp16 range
+    levels = nf4lib.nf4_levels()
+    mids = (levels[1:] + levels[:-1]) / 2
+    x = torch.cat([mids, -mids, levels, torch.tensor([1.0, -1.0, 1e-40, -1e-41])])
+    x = torch.cat([x, torch.zeros(126 - x.numel())])
+    with _native.use_isa(isa):
+        for dtype in DTYPES:
+            big = torch.finfo(dtype).max
+            xs = torch.cat([x.to(dtype), torch.tensor([big, -big], dtype=dtype)])  # the block of the largest finite values
+            _same_record(nf4lib.quantize(xs, blocksize=64), _pure_quantize(xs, blocksize=64))
+    # tiny absmax: the 1e-38 clamp, and subnormal outputs in fp16 / bf16
+    q = _pure_quantize(torch.full((64,), 1e-39))
+    with _native.use_isa(isa):
+        for out in DTYPES:
+            assert torch.equal(nf4lib.dequantize(q, out), _pure_dequantize(q, out))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_nan_inf_absmax_decode_like_torch(isa):
+    # A record with Inf/NaN scales (not one quantize makes): the same values as torch's
+    # casts, bit for bit except NaN payloads (torch itself writes a bf16 NaN as 0x7FC0 in
+    # its scalar cast and 0xFFFF in its vectorised one), which must be NaN in the same places.
+    q = _pure_quantize(torch.randn(256))
+    bad = nf4lib.QuantizedTensor(q.packed, torch.tensor([1.0, float("inf"), float("nan"), -2.0]), q.code, q.shape, q.dtype, 64)
+    with _native.use_isa(isa):
+        for out in DTYPES:
+            got, want = nf4lib.dequantize(bad, out), _pure_dequantize(bad, out)
+            nan = want.isnan()
+            assert nan[128:192].all() and torch.equal(got.isnan(), nan), out
+            bits = torch.int32 if out == torch.float32 else torch.int16
+            assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), out
+            assert got[64:128].isinf().any()  # code * inf
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantize_rejects_nan_and_inf_naming_the_block(isa):
+    x = torch.randn(1000)
+    x[700] = float("nan")
+    x[900] = float("inf")
+    with _native.use_isa(isa), pytest.raises(ValueError, match=r"2 NaN/Inf value\(s\); the first is element 700 \(block 10"):
+        nf4lib.quantize(x)
+    tail = torch.randn(100)
+    tail[99] = float("-inf")  # in the partial last block
+    with _native.use_isa(isa), pytest.raises(ValueError, match="element 99"):
+        nf4lib.quantize(tail)
+
+
+def _reference_linear(x, q, bias):
+    # F.linear(x, dequantize(q).to(x.dtype), bias), in float32 so only summation order differs
+    w = _pure_dequantize(q, x.dtype).float()
+    return F.linear(x.float(), w, None if bias is None else bias.float())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(96, 256), (64, 200), (33, 40)])  # fast path, K % 64 != 0, rows straddle blocks
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_gemv_equals_the_dense_formula(isa, dtype, shape, double_quant):
+    q = _pure_quantize(torch.randn(shape, dtype=dtype), double_quant=double_quant, blocksize=32 if shape[1] == 256 else 64)
+    bias = torch.randn(shape[0], dtype=dtype)
+    with _native.use_isa(isa):
+        for m in (1, 2, 3, 5, 8, 9, 16):
+            x = torch.randn(m, shape[1], dtype=dtype)
+            got = _native.gemv(x, q, dtype, bias)
+            want = _reference_linear(x, q, bias)
+            # float32 sums of `in_features` products in another order: a few ulps of the
+            # sum of |terms| (bound: K * eps * sum|w x|)
+            scale = (x.float().abs() @ _pure_dequantize(q, dtype).float().abs().T) + bias.float().abs()
+            assert ((got - want).abs() <= 4 * shape[1] * 2**-24 * scale + 1e-30).all(), m
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_equals_the_pure_kernel(batch, dtype):
+    q = _pure_quantize(torch.randn(128, 320, dtype=dtype))
+    x = torch.randn(batch, 320, dtype=dtype)
+    bias = torch.randn(128, dtype=dtype)
+    with _native.disabled():
+        want = nf4lib.quantized_linear(x, q, bias)
+    got = nf4lib.quantized_linear(x, q, bias)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # fp32 order; one bf16 rounding of the output
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+    # 3-D inputs and a non-contiguous x
+    x3 = torch.randn(2, 320, batch, dtype=dtype).transpose(1, 2)
+    torch.testing.assert_close(nf4lib.quantized_linear(x3, q), _reference_linear(x3, q, None).to(dtype),
+                               rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x = torch.randn(512, 1024, dtype=torch.bfloat16)
+    v = torch.randn(3, 1024, dtype=torch.bfloat16)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            q = nf4lib.quantize(x, double_quant=True)
+            results.append((q, nf4lib.dequantize(q), nf4lib.quantized_linear(v, q)))
+    finally:
+        torch.set_num_threads(old)
+    for q, w, y in results[1:]:
+        _same_record(q, results[0][0])
+        assert torch.equal(w, results[0][1]) and torch.equal(y, results[0][2])
+
+
+def test_large_quantize_compiles_nothing(monkeypatch):
+    """With the native kernel, even large tensors skip the inductor-compiled path."""
+
+    def refuse(*args):
+        raise AssertionError("the compiled kernel ran")
+
+    monkeypatch.setattr(_quant, "_fused_rows", refuse)
+    x = torch.randn(2048, 2048)  # 4M elements: above the compiled path's threshold
+    q = nf4lib.quantize(x)
+    assert q.packed.numel() == x.numel() // 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3000), bs_log=st.integers(4, 9), dq=st.booleans(),
+    dtype=st.sampled_from(DTYPES), isa=st.sampled_from(ISAS or ("scalar",)), seed=st.integers(0, 2**16),
+)
+def test_property_native_equals_pure(n, bs_log, dq, dtype, isa, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=gen) * torch.rand(1, generator=gen) * 10).to(dtype)
+    want = _pure_quantize(x, blocksize=2**bs_log, double_quant=dq)
+    with _native.use_isa(isa):
+        got = nf4lib.quantize(x, blocksize=2**bs_log, double_quant=dq)
+        _same_record(got, want)
+        for out in DTYPES:
+            assert torch.equal(nf4lib.dequantize(want, out), _pure_dequantize(want, out))
+
+
+def test_a_failed_self_check_falls_back_a_level(monkeypatch):
+    lib = _native._lib()
+    before = lib.nf4_get_isa()
+    monkeypatch.setattr(_native, "_self_check", lambda lib: lib.nf4_get_isa() == 0)
+    try:
+        with pytest.warns(UserWarning, match="disagree with the scalar ones"):
+            lib.nf4_set_isa(len(ISAS) - 1)
+            if lib.nf4_get_isa() == 0:
+                pytest.skip("only the scalar path on this CPU")
+            _native._select_isa(lib)
+        assert lib.nf4_get_isa() == 0
+    finally:
+        lib.nf4_set_isa(before)
+
+
+def _run(code, **env):
+    full = dict(os.environ, **env)
+    full.pop("NF4LIB_ISA", None) if "NF4LIB_ISA" not in env else None
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], env=full, capture_output=True, text=True, timeout=300)
+
+
+_PROBE = (
+    "import torch, nf4lib\nfrom nf4lib import _native\n"
+    "x = torch.randn(300, 130)\nq = nf4lib.quantize(x)\nw = nf4lib.dequantize(q)\n"
+    "with _native.disabled():\n    q2 = nf4lib.quantize(x)\n"
+    "print(_native.isa(), bool(torch.equal(q.packed, q2.packed)), bool(torch.equal(w, nf4lib.dequantize(q2))))\n"
+)
+
+
+@pytest.mark.slow
+def test_without_the_library_nf4lib_warns_once_and_computes_the_same():
+    out = _run(_PROBE + "nf4lib.dequantize(q)\n", NF4LIB_NATIVE_LIB="/nonexistent/libnf4cpu.so")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["none", "True", "True"]
+    assert out.stderr.count("native CPU kernels unavailable") == 1, out.stderr
+
+
+@pytest.mark.slow
+def test_environment_switches():
+    off = _run(_PROBE, NF4LIB_NATIVE="0")
+    assert off.returncode == 0 and off.stdout.split()[0] == "none" and "unavailable" not in off.stderr
+    scalar = _run(_PROBE, NF4LIB_ISA="scalar")
+    assert scalar.returncode == 0 and scalar.stdout.split() == ["scalar", "True", "True"], scalar.stderr
+    bad = _run(_PROBE, NF4LIB_ISA="mmx")
+    assert bad.returncode == 0 and "NF4LIB_ISA must be one of" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_thread_pool_works_in_a_forked_child():
+    code = (
+        "import os, torch, nf4lib\ntorch.set_num_threads(2)\n"
+        "q = nf4lib.quantize(torch.randn(1024, 1024))\nw = nf4lib.dequantize(q)\n"  # parent's pool started
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    ok = torch.equal(nf4lib.dequantize(q), w) and torch.equal(nf4lib.quantize(w).packed, nf4lib.quantize(w).packed)\n"
+        "    os._exit(0 if ok else 3)\n"
+        "_, status = os.waitpid(pid, 0)\nprint(os.waitstatus_to_exitcode(status))\n"
+    )
+    out = _run(code)
+    assert out.returncode == 0 and out.stdout.strip() == "0", out.stderr
