@@ -22,7 +22,7 @@ from ._halves import run_halves
 from ._hugepages import empty_large
 from ._records import QuantizedTensor
 
-__all__ = ["quantize", "dequantize", "bits_per_parameter", "check_blocksize", "validate", "pair_table", "dequantize_blocks_into"]
+__all__ = ["quantize", "dequantize", "bits_per_parameter", "check_blocksize", "validate", "pair_table", "dequantize_blocks_into", "native_usable"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Eager work is done this many elements at a time, so temporaries stay small
@@ -275,15 +275,16 @@ def _dequantize_chunked(packed, absmax, code, n: int, blocksize: int, dtype) -> 
     return out
 
 
-def _scale_tensors(q: QuantizedTensor) -> tuple:
-    a = q.absmax
-    return (a.codes, a.scales, a.offset, a.code, q.code) if q.double_quant else (a, q.code)
-
-
-def _native_ok(q: QuantizedTensor) -> bool:
-    # the native kernels shift by log2(blocksize): powers of two only (quantize makes no other)
+def native_usable(q: QuantizedTensor, *others) -> bool:
+    """True when the native CPU kernels can take record ``q`` (and the tensors ``others``,
+    None allowed): powers-of-two blocksizes (the kernels shift by their log2; quantize makes
+    no other) and plain CPU tensors outside transforms (see ``_native.usable``)."""
     nested = q.absmax.blocksize if q.double_quant else 1
-    return not _transforms_active() and q.blocksize & (q.blocksize - 1) == 0 and nested & (nested - 1) == 0
+    if q.blocksize & (q.blocksize - 1) or nested & (nested - 1):
+        return False
+    a = q.absmax
+    parts = (a.codes, a.scales, a.offset, a.code) if q.double_quant else (a,)
+    return _native.usable(q.packed, q.code, *parts, *others)
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -307,7 +308,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     n = q.numel
     if n == 0:
         return torch.empty(q.shape, dtype=dtype, device=q.packed.device)
-    if dtype in _FLOAT_DTYPES and _native_ok(q) and _native.usable(q.packed, *_scale_tensors(q)):
+    if dtype in _FLOAT_DTYPES and native_usable(q):
         # the native kernel: one pass, double-quantized scales decoded in it
         out = empty_large(n, dtype, q.packed.device)
         _native.decode_into(out, q)

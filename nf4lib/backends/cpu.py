@@ -17,13 +17,14 @@ import torch
 
 from .. import _native
 from .._ops import register_kernel
-from .._quant import _scale_tensors, dequantize_blocks_into, pair_table
+from .._quant import dequantize_blocks_into, native_usable, pair_table
 from . import default
 
 # ~1M weight elements per tile: big enough for an efficient matmul, small enough for L2/L3.
 _TILE_ELEMS = 1 << 20
-# The fused GEMV re-reads the 4-bit weight once per 8 rows of x; up to 16 rows it beat
-# tile decode + matmul in benchmarks/bench_linear.py (4096x4096, 2 cores).
+# The fused GEMV re-reads the 4-bit weight once per 8 rows of x. On 4096x4096 bf16 (2-core
+# AVX2, medians) it beat tile decode + matmul up to 24 rows (16 rows: 14.5 vs 16.3 ms) and
+# lost at 32 (32.5 vs 28.8 ms).
 GEMV_MAX_ROWS = 16
 
 
@@ -33,13 +34,6 @@ def _compute_dtype(x: torch.Tensor, m: int) -> torch.dtype:
     if x.dtype == torch.float32 or (m >= 8 and torch.backends.cpu.get_cpu_capability() != "AMX"):
         return torch.float32
     return x.dtype
-
-
-def _native_ok(x, q, bias) -> bool:
-    bs = q.blocksize
-    nested = q.absmax.blocksize if q.double_quant else 1
-    powers = bs & (bs - 1) == 0 and nested & (nested - 1) == 0
-    return powers and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _native.usable(x, bias, q.packed, *_scale_tensors(q))
 
 
 def _fresh(y: torch.Tensor, x: torch.Tensor, out_f: int) -> torch.Tensor:
@@ -55,7 +49,7 @@ def linear(x, q, bias):
     n, bs = q.numel, q.blocksize
     if n == 0 or x.numel() == 0:
         return default.linear(x, q, bias)
-    native = _native_ok(x, q, bias)
+    native = x.dtype in (torch.float32, torch.bfloat16, torch.float16) and native_usable(q, x, bias)
     if not native and n % bs:  # a partial block straddles rows: use the reference
         return default.linear(x, q, bias)
     x2 = x.reshape(-1, in_f)
