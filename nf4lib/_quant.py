@@ -22,7 +22,10 @@ from ._halves import run_halves
 from ._hugepages import empty_large
 from ._records import QuantizedTensor
 
-__all__ = ["quantize", "dequantize", "bits_per_parameter", "check_blocksize", "validate", "pair_table", "dequantize_blocks_into", "native_usable"]
+__all__ = [
+    "quantize", "dequantize", "bits_per_parameter", "check_blocksize", "validate", "pair_table",
+    "dequantize_blocks_into", "native_usable", "register_device_kernels",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Eager work is done this many elements at a time, so temporaries stay small
@@ -35,6 +38,28 @@ _DEQUANT_CHUNK = 1 << 18
 _SPLIT_MIN = 1 << 22
 # Above this size the fused, compiled kernels pay for their one-off compile.
 _COMPILE_MIN = 1 << 21
+
+
+# device type -> (dequantize(q, dtype) -> Tensor | None, quantize_into(...) -> bool), filled
+# by the device backends (layer 4) so this layer never imports them.
+_DEVICE_KERNELS: dict = {}
+
+
+def register_device_kernels(device_type: str, dequantize, quantize_into) -> None:
+    """Let a backend serve ``dequantize`` / ``quantize`` for tensors on ``device_type``.
+
+    ``dequantize(q, dtype)`` returns the tensor or None (not handled);
+    ``quantize_into(flat, blocksize, thresholds, storage, packed, absmax)`` fills the
+    outputs and returns True, or returns False (not handled). Both must give exactly the
+    bytes and values of the pure-PyTorch path.
+    """
+    _DEVICE_KERNELS[device_type] = (dequantize, quantize_into)
+
+
+def _device_kernels(device: torch.device):
+    if device.type == "cpu" or _transforms_active():
+        return None
+    return _DEVICE_KERNELS.get(device.type)
 
 
 def check_blocksize(blocksize) -> int:
@@ -167,6 +192,12 @@ def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: 
     if in_place and _native.usable(flat):
         # the native kernel: the same bytes in one pass, multithreaded, nothing to compile
         if not _native.quantize_into(flat.contiguous(), blocksize, thresholds, storage, packed, absmax):
+            _raise_not_finite(flat, blocksize)
+        stored = double_quantize(absmax) if double_quant else absmax
+        return QuantizedTensor(packed, stored, levels.to(device), tuple(x.shape), x.dtype, blocksize)
+    kernels = _device_kernels(device)
+    if kernels is not None and n and kernels[1](flat.contiguous(), blocksize, thresholds, storage, packed, absmax):
+        if not bool(torch.isfinite(absmax).all()):
             _raise_not_finite(flat, blocksize)
         stored = double_quantize(absmax) if double_quant else absmax
         return QuantizedTensor(packed, stored, levels.to(device), tuple(x.shape), x.dtype, blocksize)
@@ -313,6 +344,11 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
         out = empty_large(n, dtype, q.packed.device)
         _native.decode_into(out, q)
         return out.view(q.shape)
+    kernels = _device_kernels(q.packed.device)
+    if kernels is not None:
+        out = kernels[0](q, dtype)
+        if out is not None:
+            return out
     absmax = q.scales.dequantize()
     code = q.code.to(torch.float32)
     if _transforms_active():

@@ -8,6 +8,7 @@
 * ``triton``: the Triton kernels under the interpreter.
 * ``slow``: subprocess and end-to-end checks.
 * ``distributed``: several processes (torchrun, gloo): FSDP2 and distributed checkpoints.
+* ``gpu``: the kernels on a real CUDA device; skipped where there is none (CI has none).
 
 A test asks for an optional package through a fixture of that name (``bnb``,
 ``transformers``, ``peft``, ...): the fixture skips the one test when the package is
@@ -55,7 +56,7 @@ if os.environ.get("NF4LIB_BLOCK_EXTRAS") == "1":
 
 torch.set_num_threads(min(torch.get_num_threads(), 2))
 
-TIERS = ("bnb", "integration", "notebooks", "triton", "slow", "distributed")
+TIERS = ("bnb", "integration", "notebooks", "triton", "slow", "distributed", "gpu")
 # fixture name -> (module to import, tier)
 _OPTIONAL = {
     "bnb": ("bitsandbytes", "bnb"),

@@ -1,116 +1,209 @@
-"""Triton kernels for ``nf4lib::quantized_linear``: one family for NVIDIA (CUDA) and Intel
-(XPU) GPUs, since Triton targets both. Fused: the 4-bit weight is decoded in registers,
+"""Triton kernels for CUDA and XPU (one family: Triton targets both): ``quantized_linear``,
+``dequantize`` and ``quantize``. The kernels are in ``_triton_jit``; this module launches
+them and picks the route:
 
-    ``w[n, k] = code[nibble(n*K + k)] * absmax[(n*K + k) // blocksize]``,
+* up to ``FUSED_MAX_ROWS`` rows of ``x`` (decoding): the fused GEMV, autotuned over a small
+  config set keyed on (N, K, rows), split over K when there are too few output tiles to
+  fill the device;
+* more rows (training, prefill): Triton dequantize to x's dtype, then ``F.linear``
+  (cuBLAS), as bitsandbytes does; backward (``grad @ W``) takes the same route through
+  ``dequantize`` and nothing of the weight's full size is kept between the two.
 
-rounded to x's dtype (as ``dequantize(q).to(x.dtype)`` would), and multiplied at once.
-A GEMV kernel serves small batches (decode), a ``tl.dot`` kernel the rest. Without
-Triton, ``forward`` falls back to the default kernel (dequantize + matmul).
-Runs on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``), as CI does.
+Shapes the GEMV cannot take (``in_features`` not a multiple of the blocksize, so blocks
+straddle rows) take dequantize + matmul too. Without Triton, everything falls back to
+the pure-PyTorch kernels. On CPU tensors under ``TRITON_INTERPRET=1`` the same kernels
+run in numpy, with one fixed config (no autotuning), as CI tests them.
+
+The tile sizes, ``FUSED_MAX_ROWS`` and the split rule are first guesses: none has been
+measured on a GPU yet (see the README).
 """
+
+import functools
+import os
 
 import torch
 
+from .._quant import _quantize_tail
+from .._records import QuantizedTensor
 from . import default
 
 try:
     import triton
-    import triton.language as tl
+
+    from . import _triton_jit as jit
 
     HAVE_TRITON = True
-except ImportError:  # Triton is optional: the fallback below is used instead
+except ImportError:  # Triton is optional: the fallbacks below are used instead
     HAVE_TRITON = False
 
-# batches up to this many rows take the GEMV kernel
-GEMV_MAX_ROWS = 8
+# rows of x up to which the fused GEMV serves; above, dequantize + cuBLAS
+FUSED_MAX_ROWS = 16
+# quantize: blocksizes up to this many elements fit one kernel row; larger ones use torch
+_QUANT_MAX_BLOCK = 4096
+_DEQUANT_ELEMS = 4096  # elements per dequantize program
 
-if HAVE_TRITON:
 
-    @triton.jit
-    def _decode(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE: tl.constexpr):
-        """(BLOCK_N, BLOCK_K) float32 weight tile: code[nibble] * absmax[block]."""
-        idx = rn[:, None].to(tl.int64) * K + rk[None, :]
-        mask = (rn[:, None] < N) & (rk[None, :] < K)
-        byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
-        nibble = tl.where(idx % 2 == 0, byte >> 4, byte & 15)  # even element: high nibble
-        level = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-        scale = tl.load(absmax_ptr + idx // BLOCKSIZE, mask=mask, other=0.0)
-        return level * scale
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
-    @triton.jit
-    def _gemv_kernel(
-        x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, y_ptr, N, K, stride_xm, stride_ym,
-        BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        m = tl.program_id(0)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + m * stride_xm + rk, mask=rk < K, other=0.0)
-            w = _decode(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE)
-            w = w.to(x.dtype).to(tl.float32)  # the weight as dequantize(q).to(x.dtype) has it
-            acc += tl.sum(w * x.to(tl.float32)[None, :], axis=1)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
 
-    @triton.jit
-    def _matmul_kernel(
-        x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-        BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-            w = _decode(packed_ptr, absmax_ptr, code_ptr, rn, rk, N, K, BLOCKSIZE).to(x.dtype)
-            if UPCAST:  # exact bf16 values, multiplied in fp32 (see forward)
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            if IEEE:  # fp32 inputs: no TF32 shortcut, to keep fp32 accuracy
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+def _configs(pairs):
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in pairs]
+
+
+def _fits(configs, named_args, **kwargs):
+    """Drop broadcast-path configs whose (rows, n, k/2) product tile would spill registers."""
+    if kwargs.get("USE_DOT"):
+        return configs
+    rows = kwargs.get("BLOCK_M", 1)
+    kept = [c for c in configs if rows * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // 2 <= 4096 * c.num_warps]
+    return kept or configs[:1]
+
+
+@functools.lru_cache(maxsize=None)
+def _gemv(use_dot: bool):
+    """The GEMV launcher: the raw kernel under the interpreter, autotuned on a device."""
+    if interpreting():
+        return jit.gemv_kernel, {"BLOCK_N": 16, "BLOCK_K": 128}
+    if use_dot:  # tl.dot wants tiles of at least 16 in every dimension
+        pairs = [(16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3)]
+    else:
+        pairs = [(8, 256, 4, 2), (16, 128, 4, 3), (16, 256, 4, 2), (32, 128, 4, 2), (32, 256, 8, 2), (16, 512, 8, 2), (64, 128, 8, 2)]
+    tuned = triton.autotune(_configs(pairs), key=["N", "K", "BLOCK_M", "SPLIT", "BLOCKSIZE"], prune_configs_by={"early_config_prune": _fits})
+    return tuned(jit.gemv_kernel), {}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "xpu":
+        return getattr(torch.xpu.get_device_properties(device), "gpu_subslice_count", 64)
+    return 1
+
+
+def _split_k(n: int, k: int, device) -> int:
+    """Splits over K so that about two waves of 32-row tiles fill the device, keeping at
+    least 1024 elements of K per split."""
+    if interpreting():
+        return 1
+    tiles = -(-n // 32)
+    want = 2 * _sm_count(device)
+    split = 1
+    while split < 8 and tiles * split < want and k // (2 * split) >= 1024:
+        split *= 2
+    return split
+
+
+def _scale_args(q: QuantizedTensor):
+    """(am_ptr, ncode, nscale, noff, DOUBLE, NESTED_BS) for the kernels."""
+    if q.double_quant:
+        a = q.absmax
+        return a.codes, a.code.float().contiguous(), a.scales, a.offset.reshape(1), True, a.blocksize
+    am = q.absmax
+    return am, am, am, am, False, 1
+
+
+def _code16(q: QuantizedTensor) -> torch.Tensor:
+    code = q.code
+    if code.numel() == 16 and code.dtype == torch.float32 and code.is_contiguous():
+        return code
+    out = torch.zeros(16, dtype=torch.float32, device=code.device)
+    out[: code.numel()] = code.float()
+    return out
+
+
+def gemv_ok(q: QuantizedTensor) -> bool:
+    out_f, in_f = q.shape
+    return in_f % q.blocksize == 0 and out_f * in_f > 0
 
 
 def linear(x, q, bias):
-    """The CUDA and XPU kernel (also callable on CPU tensors under the Triton interpreter)."""
-    if not HAVE_TRITON or x.numel() == 0:
-        return default.linear(x, q, bias)
+    """The CUDA and XPU kernel of ``quantized_linear`` (CPU tensors under the interpreter)."""
     out_f, in_f = q.shape
-    packed, code, bs = q.packed, q.code, q.blocksize
-    am = q.scales.dequantize().float().contiguous()
-    x2 = x.reshape(-1, in_f).contiguous()
+    m = x.numel() // in_f if in_f else 0
+    if not HAVE_TRITON or x.numel() == 0 or m > FUSED_MAX_ROWS or not gemv_ok(q):
+        return default.linear(x, q, bias)  # dequantize (Triton, below) + F.linear
+    return fused_linear(x, q, bias)
+
+
+def fused_linear(x, q, bias, *, split=None):
+    """The fused GEMV for any number of rows (``linear`` routes only skinny x here)."""
+    out_f, in_f = q.shape
+    x2 = x.reshape(-1, in_f)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     m = x2.shape[0]
-    code16 = torch.zeros(16, dtype=torch.float32, device=x.device)
-    code16[: code.numel()] = code.float()
     result = torch.empty(*x.shape[:-1], out_f, dtype=x.dtype, device=x.device)  # returned: not a view
     y = result.view(m, out_f)
-    b = bias.contiguous() if bias is not None else y  # y is a dummy pointer when there is no bias
-    if m <= GEMV_MAX_ROWS:
-        block_n, block_k = 32, 128
-        grid = (m, triton.cdiv(out_f, block_n))
-        _gemv_kernel[grid](
-            x2, packed, am, code16, b, y, out_f, in_f, x2.stride(0), y.stride(0),
-            BLOCKSIZE=bs, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        )
-    else:
-        block_m, block_n, block_k = 32, 64, 64
-        grid = (triton.cdiv(m, block_m), triton.cdiv(out_f, block_n))
-        _matmul_kernel[grid](
-            x2, packed, am, code16, b, y, m, out_f, in_f, x2.stride(0), y.stride(0),
-            BLOCKSIZE=bs, HAS_BIAS=bias is not None,
-            # The Triton interpreter (CPU tensors) computes tl.dot in numpy, which has no
-            # bf16: there the bf16 tiles are widened to fp32 first (same values).
-            UPCAST=x.dtype == torch.bfloat16 and x.device.type == "cpu",
-            IEEE=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type == "cpu"),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        )
+    block_m = 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 16
+    use_dot = block_m >= 16
+    split = _split_k(out_f, in_f, x.device) if split is None else split
+    kernel, fixed = _gemv(use_dot)
+    target = y if split == 1 else torch.empty(split, m, out_f, dtype=torch.float32, device=x.device)
+    am, ncode, nscale, noff, double, nbs = _scale_args(q)
+    b = bias if bias is not None else y  # a dummy pointer when there is no bias
+
+    def grid(meta):
+        return (triton.cdiv(out_f, meta["BLOCK_N"]), split, triton.cdiv(m, block_m))
+
+    kernel[grid](
+        x2, q.packed, am, ncode, nscale, noff, _code16(q), b, target,
+        m, out_f, in_f, x2.stride(0), out_f, m * out_f,
+        BLOCKSIZE=q.blocksize, DOUBLE=double, NESTED_BS=nbs, HAS_BIAS=bias is not None, SPLIT=split,
+        BLOCK_M=block_m, USE_DOT=use_dot,
+        # float32 x keeps fp32 accuracy (no TF32); the interpreter's numpy dot has no bf16
+        IEEE=x.dtype == torch.float32 or x.device.type == "cpu",
+        SOFT_BF16=interpreting(), enable_fp_fusion=False, **fixed,
+    )
+    if split > 1:
+        total = target.sum(0)
+        if bias is not None:
+            total += bias.float()
+        y.copy_(total)
     return result
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype):
+    """``w = code[q] * absmax`` in float32, cast to ``dtype``: the values of the CPU reference,
+    bit for bit. None when Triton is missing (the caller then uses PyTorch)."""
+    if not HAVE_TRITON or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    n = q.numel
+    out = torch.empty(q.shape, dtype=dtype, device=q.packed.device)
+    if n == 0:
+        return out
+    sub = min(q.blocksize, 1024)
+    rows = max(1, _DEQUANT_ELEMS // sub)
+    am, ncode, nscale, noff, double, nbs = _scale_args(q)
+    grid = (triton.cdiv(n, sub * rows),)
+    jit.dequantize_kernel[grid](
+        q.packed, am, ncode, nscale, noff, _code16(q), out, n,
+        BLOCKSIZE=q.blocksize, DOUBLE=double, NESTED_BS=nbs, SUB=sub, ROWS=rows,
+        SOFT_BF16=interpreting(), enable_fp_fusion=False,
+    )
+    return out
+
+
+def quantize_into(flat, blocksize, thresholds, storage, packed, absmax) -> bool:
+    """Fill ``packed`` and ``absmax`` for contiguous ``flat``: whole blocks in Triton, a
+    partial last block in PyTorch (bitsandbytes divides there). False when Triton or the
+    blocksize does not allow it; non-finite input shows as a non-finite absmax."""
+    if not HAVE_TRITON or blocksize > _QUANT_MAX_BLOCK:
+        return False
+    n = flat.numel()
+    full_blocks = n // blocksize
+    if full_blocks:
+        rows = max(1, 2048 // blocksize)
+        thr = thresholds.float().contiguous()
+        mapping = storage.to(torch.int32) if storage is not None else thr
+        jit.quantize_kernel[(triton.cdiv(full_blocks, rows),)](
+            flat, thr, mapping, packed, absmax, full_blocks,
+            BLOCKSIZE=blocksize, HAS_MAP=storage is not None, ROWS=rows,
+        )
+    full = full_blocks * blocksize
+    if full < n:
+        p, a = _quantize_tail(flat[full:], thresholds, storage)
+        packed[full // 2 :].copy_(p)
+        absmax[full_blocks:].copy_(a)
+    return True
