@@ -34,7 +34,8 @@ setup(
     ext_modules=[
         Extension(
             "nf4lib._nf4cpu",
-            sources=["nf4lib/_csrc/nf4cpu.c", "nf4lib/_csrc/nf4cpu_avx2.c", "nf4lib/_csrc/nf4cpu_avx512.c"],
+            sources=["nf4lib/_csrc/nf4cpu.c", "nf4lib/_csrc/nf4cpu_avx2.c", "nf4lib/_csrc/nf4cpu_avx512.c",
+                     "nf4lib/_csrc/nf4cpu_mse.c"],
             depends=["nf4lib/_csrc/nf4cpu.h"],
             extra_compile_args=_FLAGS,
             extra_link_args=["-pthread"],

@@ -32,11 +32,14 @@ import torch
 
 from ._records import DoubleQuantized, QuantizedTensor
 
-__all__ = ["available", "isa", "supported_isas", "use_isa", "disabled", "usable", "decode_into", "gemv", "quantize_into"]
+__all__ = [
+    "available", "isa", "supported_isas", "use_isa", "disabled", "usable", "decode_into", "gemv", "quantize_into",
+    "quantize_mse_into",
+]
 
 ISAS = ("scalar", "avx2", "avx512")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_ABI = 1
+_ABI = 2
 _lock = threading.RLock()  # re-entered by the self-check, which quantizes with the library off
 _state = {"lib": None, "tried": False, "off": 0}
 
@@ -58,6 +61,7 @@ _SIGNATURES = {
     "nf4_decode": ([_P, ctypes.POINTER(_Scales), _P, _I64, _I64, _I64, _P, _INT, _INT], _INT),
     "nf4_gemv": ([_P, _I64, _I64, _I64, _P, ctypes.POINTER(_Scales), _P, _I64, _INT, _P, _P, _INT], _INT),
     "nf4_quantize": ([_P, _INT, _I64, _I64, _P, _P, _P, _P, _INT], _INT),
+    "nf4_quantize_mse": ([_P, _INT, _I64, _I64, _P, _I64, _P, _P, _P, _P, _INT, _INT, _P, _P, _INT], _INT),
 }
 
 
@@ -279,3 +283,25 @@ def quantize_into(flat: torch.Tensor, blocksize: int, thresholds: torch.Tensor, 
     st = torch.arange(16, dtype=torch.uint8) if storage is None else storage.to(torch.uint8).contiguous()
     bad = lib.nf4_quantize(_ptr(flat), _CODES[flat.dtype], flat.numel(), blocksize, _ptr(thr), _ptr(st), _ptr(packed), _ptr(absmax), _threads())
     return not bad
+
+
+def quantize_mse_into(flat: torch.Tensor, blocksize: int, thresholds: torch.Tensor, levels16: torch.Tensor,
+                      storage: torch.Tensor | None, weights: torch.Tensor | None, ratios: torch.Tensor, steps: int,
+                      packed: torch.Tensor, scales: torch.Tensor) -> bool:
+    """``_mse.quantize_mse``'s search and encoding for the contiguous CPU tensor ``flat``
+    (``weights``: None or contiguous float32, element i's weight ``weights[i % len]``);
+    False if it holds a NaN or Inf."""
+    lib = _lib()
+    thr = thresholds.float().contiguous()
+    st = torch.arange(16, dtype=torch.uint8) if storage is None else storage.to(torch.uint8).contiguous()
+    lev = levels16.float().contiguous()
+    r = ratios.float().contiguous()
+    wp = _ptr(weights) if weights is not None else None
+    period = weights.numel() if weights is not None else 1
+    rc = lib.nf4_quantize_mse(
+        _ptr(flat), _CODES[flat.dtype], flat.numel(), blocksize, wp, period, _ptr(thr), _ptr(lev), _ptr(st),
+        _ptr(r), r.numel(), steps, _ptr(packed), _ptr(scales), _threads(),
+    )
+    if rc < 0:
+        raise MemoryError("nf4lib: the native MSE quantize kernel could not allocate its scratch buffers")
+    return rc == 0

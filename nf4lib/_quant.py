@@ -20,6 +20,7 @@ from ._codebooks import CODE_NAMES, build_search_tables, named_code, named_thres
 from ._double import double_quantize
 from ._halves import run_halves
 from ._hugepages import empty_large
+from ._mse import check_weights, quantize_mse
 from ._records import QuantizedTensor
 
 __all__ = [
@@ -139,7 +140,17 @@ def _quantize_tail(tail: torch.Tensor, thresholds, to_storage):
     return _encode(scaled, thresholds, to_storage), am.reshape(1)
 
 
-def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: bool = False) -> QuantizedTensor:
+SCALES = ("absmax", "mse")
+
+
+def check_scale(scale) -> str:
+    if not isinstance(scale, str) or scale.lower() not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    return scale.lower()
+
+
+def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: bool = False,
+             scale: str = "absmax", weights=None) -> QuantizedTensor:
     """Quantize a float tensor to 4 bits, blockwise, in bitsandbytes' layout.
 
     Args:
@@ -148,6 +159,13 @@ def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: 
         code: ``"nf4"`` (default), ``"fp4"``, ``"int4"`` or a sorted 1-D tensor of at
             most 16 levels in [-1, 1].
         double_quant: also quantize the absmax vector to 8 bits (QLoRA).
+        scale: ``"absmax"`` (default: bitsandbytes' bytes exactly) or ``"mse"``: each
+            block's scale searched to minimise its squared error (see ``nf4lib._mse``;
+            13% lower MSE on Gaussian weights, about 4x the time). Stored where absmax
+            goes, so bitsandbytes dequantizes it unchanged.
+        weights: with ``scale="mse"``, optional non-negative importance weights of
+            ``x``'s shape or ``(x.shape[-1],)`` (e.g. the inputs' mean squares per input
+            feature, so the search minimises the layer's output error).
 
     Returns:
         A :class:`QuantizedTensor`; ``packed`` is uint8 ``(ceil(numel/2),)``.
@@ -163,6 +181,9 @@ def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: 
     """
     _check_input(x)
     check_blocksize(blocksize)
+    scale = check_scale(scale)
+    if weights is not None and scale != "mse":
+        raise ValueError("weights apply only with scale='mse'")
     if isinstance(code, str):
         name = code.lower()
         if name not in CODE_NAMES:
@@ -185,6 +206,12 @@ def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: 
     full = n - n % blocksize
     # Eager: write each chunk's result into preallocated outputs (no concatenation copy,
     # so extra peak memory is the outputs plus one chunk). Under transforms: concatenate.
+    if scale == "mse":
+        packed, found, ok = quantize_mse(flat, blocksize, levels.to(device), thresholds, to_storage, check_weights(weights, x))
+        if not ok:
+            _raise_not_finite(flat, blocksize)
+        stored = double_quantize(found) if double_quant else found
+        return QuantizedTensor(packed, stored, levels.to(device), tuple(x.shape), x.dtype, blocksize)
     in_place = not _transforms_active()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)

@@ -144,3 +144,56 @@ def double_dequantize(codes, scales, offset, code, blocksize=256):
     return np.array(
         [code[c] * scales[i // blocksize] + F32(offset) for i, c in enumerate(codes)], dtype=F32
     )
+
+
+def block_error(block, weights, scale, code):
+    """(E, sum w v c, sum w c c, storage indices) of one block under ``scale``: each value
+    takes the level nearest ``value * (1 / scale)``, clamped to [-1, 1] (quantize's rule);
+    every term is a float32 product, summed in float64."""
+    r = F32(1) / max(F32(scale), F32(1e-38))
+    e2 = xc = cc = 0.0
+    indices = []
+    for v, w in zip(block, weights):
+        idx = nearest_level(F32(np.clip(v * r, -1, 1)), code)
+        c = code[idx]
+        e = F32(v - F32(c * F32(scale)))
+        e2 += float(F32(F32(w * e) * e))
+        xc += float(F32(F32(w * v) * c))
+        cc += float(F32(F32(w * c) * c))
+        indices.append(idx)
+    return e2, xc, cc, indices
+
+
+def quantize_mse(x, blocksize, code, weights=None, ratios=(0.95, 0.9, 0.85), steps=2):
+    """Blockwise 4-bit quantization with each block's scale chosen to lower its squared
+    error: absmax times each ratio (ratio 1 first), then least-squares steps
+    ``s = sum w v c / sum w c^2`` kept while they lower the error. Returns (packed, scales)."""
+    flat = np.asarray(x, dtype=F32).reshape(-1)
+    n = flat.size
+    w_all = np.ones(n, dtype=F32) if weights is None else np.resize(np.asarray(weights, dtype=F32).reshape(-1), n)
+    indices, scales = [], []
+    for start in range(0, n, blocksize):
+        block, w = flat[start : start + blocksize], w_all[start : start + blocksize]
+        amax = np.abs(block).max()
+        best_s, best = amax, block_error(block, w, amax, code)
+        for ratio in ratios:
+            s = F32(amax * F32(ratio))
+            trial = block_error(block, w, s, code)
+            if trial[0] < best[0]:
+                best_s, best = s, trial
+        for _ in range(steps):
+            if not best[2] > 0:
+                break
+            s = F32(best[1] / best[2])
+            if not s > 0:
+                break
+            trial = block_error(block, w, s, code)
+            if not trial[0] < best[0]:
+                break
+            best_s, best = s, trial
+        scales.append(F32(best_s))
+        indices += best[3]
+    if n % 2:
+        indices.append(nearest_level(F32(0), code))  # one padding zero
+    packed = [(indices[i] << 4) | indices[i + 1] for i in range(0, len(indices), 2)]
+    return np.array(packed, dtype=np.uint8), np.array(scales, dtype=F32)

@@ -16,7 +16,7 @@
 #endif
 
 #define NF4_API __attribute__((visibility("default")))
-#define NF4_ABI_VERSION 1
+#define NF4_ABI_VERSION 2
 
 /* ------------------------------------------------------------------ scalar kernels */
 
@@ -247,6 +247,10 @@ NF4_API int nf4_set_isa(int isa) {
 }
 
 NF4_API int nf4_get_isa(void) { kernels(); return cur_isa; }
+
+/* for the other files of the library (nf4cpu_mse.c) */
+int nf4_current_isa(void) { kernels(); return cur_isa; }
+void nf4_parallel_for(nf4_task fn, void *ctx, int64_t ntasks, int nthreads) { parallel_for(fn, ctx, ntasks, nthreads); }
 
 /* ------------------------------------------------------------------ exported kernels */
 
