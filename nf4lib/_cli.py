@@ -21,7 +21,7 @@ import sys
 # commands): ``--help``, ``--version`` and usage errors answer at once.
 from ._errors import CheckpointError
 
-REPORT_SETTINGS = ("nf4", "nf4+dq", "int4", "fp4")
+REPORT_SETTINGS = ("nf4", "nf4+dq", "nf4-mse", "int4", "fp4")
 _METRICS = ("bits_per_param", "mse", "mae", "rel_l2", "sqnr_db", "max_abs", "cosine")
 
 
@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("output", metavar="OUT", help="the .safetensors file to write")
     q.add_argument("--double-quant", action="store_true", help="quantize the absmax too (QLoRA double quantization)")
     q.add_argument("--code", choices=("nf4", "fp4"), default="nf4")
+    q.add_argument("--scale", choices=("absmax", "mse"), default="absmax",
+                   help="block scale: absmax (bitsandbytes' bytes exactly) or mse (searched per block to lower "
+                        "the error; same format, about 4x the time)")
     for cmd in (r, q):
         cmd.add_argument("--blocksize", type=_blocksize, default=64)
         cmd.add_argument("--exclude", action="append", metavar="PATTERN",
@@ -242,7 +245,7 @@ def quantize_cmd(args) -> int:
             parts = {name: t}
             if name in chosen:
                 try:
-                    q = quantize(t, blocksize=args.blocksize, code=args.code, double_quant=args.double_quant)
+                    q = quantize(t, blocksize=args.blocksize, code=args.code, double_quant=args.double_quant, scale=args.scale)
                 except ValueError as e:  # NaN/Inf weights
                     raise CheckpointError(f"{name}: {e}") from None
                 parts = to_bnb(q, name)
@@ -253,7 +256,8 @@ def quantize_cmd(args) -> int:
                 after += v.numel() * v.element_size()
         meta = {"format": "pt", "nf4lib.version": __version__,
                 "nf4lib.quantization": json.dumps({"code": args.code, "blocksize": args.blocksize,
-                                                   "double_quant": args.double_quant, "layers": len(chosen)})}
+                                                   "double_quant": args.double_quant, "scale": args.scale,
+                                                   "layers": len(chosen)})}
         w.commit(meta)
     print(f"wrote {args.output}: {len(tensors)} tensors, {len(chosen)} quantized to {args.code}; "
           f"{_mib(before)} MiB -> {_mib(after)} MiB")

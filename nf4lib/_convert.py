@@ -6,7 +6,7 @@ import copy
 import functools
 import importlib
 import warnings
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from torch import nn
 from ._codebooks import resolve_code
 from ._linear import NF4Linear, check_compute_dtype, code_name_of
 from ._plan import DEFAULT_EXCLUDE, Exclude, plan_modules
-from ._quant import check_blocksize
+from ._quant import check_blocksize, check_scale
 
 __all__ = ["convert", "dequantize_model"]
 
@@ -30,6 +30,8 @@ def convert(
     double_quant: bool = False,
     compute_dtype: Optional[torch.dtype] = None,
     progress: Optional[bool] = None,
+    scale: str = "absmax",
+    importance: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> nn.Module:
     """Return a new model in which every ``nn.Linear`` not excluded is an :class:`NF4Linear`.
 
@@ -50,7 +52,12 @@ def convert(
             sequence of these. Excluding a module excludes
             everything under it. A name or glob that matches no module gives a warning
             (the default, ``("lm_head",)``, does not).
-        blocksize, code, double_quant: as in :func:`nf4lib.quantize`.
+        blocksize, code, double_quant, scale: as in :func:`nf4lib.quantize`
+            (``scale="mse"``: each block's scale searched to lower its squared error;
+            the checkpoint format is unchanged).
+        importance: with ``scale="mse"``, optional per-layer importance weights by
+            module name (``(in_features,)`` each, e.g. the layer inputs' mean squares
+            from a calibration batch), so each search minimises that layer's output error.
         compute_dtype: dtype of the matmul; ``None`` keeps each layer's own dtype.
             fp32, fp16, bf16.
         progress: show a tqdm bar; ``None`` shows one for 32 layers or more (on a terminal).
@@ -75,10 +82,17 @@ def convert(
     check_blocksize(blocksize)
     resolve_code(code)  # fail before any work on a bad codebook
     check_compute_dtype(compute_dtype)
+    scale = check_scale(scale)
+    importance = dict(importance or {})
+    if importance and scale != "mse":
+        raise ValueError("importance weights apply only with scale='mse'")
 
     # 1. Plan on the input: which Linear modules become NF4.
     _check_already_converted(model, blocksize, code, double_quant)
     candidates, unmatched, tied = plan_modules(model, exclude)
+    unknown = set(importance) - {name for name, _ in candidates.values()}
+    if unknown:
+        raise ValueError(f"importance names layers that are not converted: {sorted(unknown)}")
     if exclude is not DEFAULT_EXCLUDE:
         for p in unmatched:
             warnings.warn(f"convert: exclude pattern {p!r} matched no module", stacklevel=2)
@@ -95,7 +109,8 @@ def convert(
         for mid, (name, lin) in bar:
             twin = by_weight.get(id(lin.weight))
             if twin is None:
-                layer = NF4Linear.from_linear(lin, blocksize=blocksize, code=code, double_quant=double_quant, compute_dtype=compute_dtype)
+                layer = NF4Linear.from_linear(lin, blocksize=blocksize, code=code, double_quant=double_quant,
+                                              compute_dtype=compute_dtype, scale=scale, importance=importance.get(name))
                 layer.weight._nf4_name = name  # named in errors (FSDP2 sharding a weight that does not split)
                 by_weight[id(lin.weight)] = layer
             else:  # the same weight tensor: share the quantized weight Parameter too

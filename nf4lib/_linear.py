@@ -123,10 +123,14 @@ class NF4Linear(nn.Linear):
         code="nf4",
         double_quant: bool = False,
         compute_dtype: Optional[torch.dtype] = None,
+        scale: str = "absmax",
+        importance: Optional[torch.Tensor] = None,
     ) -> "NF4Linear":
         """A new ``NF4Linear`` quantizing ``linear.weight`` (``linear`` is not modified).
 
-        The bias is copied. On the meta device nothing is quantized: the result is an
+        ``scale`` and ``importance`` are :func:`nf4lib.quantize`'s ``scale`` and
+        ``weights`` (``importance``: ``(in_features,)`` or the weight's shape, say the
+        inputs' mean squares). The bias is copied. On the meta device nothing is quantized: the result is an
         empty skeleton of the right layout, ready for ``load_state_dict(..., assign=True)``.
         """
         if not isinstance(linear, nn.Linear) or isinstance(linear, NF4Linear):
@@ -140,7 +144,7 @@ class NF4Linear(nn.Linear):
             compute_dtype=compute_dtype, dtype=w.dtype, device="meta",
         )
         if not w.is_meta:
-            q = quantize(w.detach(), blocksize=blocksize, code=code, double_quant=double_quant)
+            q = quantize(w.detach(), blocksize=blocksize, code=code, double_quant=double_quant, scale=scale, weights=importance)
             layer._set_record(q, compute_dtype or w.dtype, code_name_of(code))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)

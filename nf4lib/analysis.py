@@ -45,11 +45,13 @@ _CHUNK = 1 << 22  # elements per float64 chunk: bounded extra memory for any ten
 
 class Setting(NamedTuple):
     """One way to quantize: a label, a codebook (``"nf4"``, ``"fp4"``, ``"int4"``,
-    ``"nf4-symmetric"`` or a tensor) and double quantization."""
+    ``"nf4-symmetric"`` or a tensor), double quantization, and the block scale
+    (``"absmax"``, or ``"mse"``: searched to lower the error, see ``quantize``)."""
 
     name: str
     code: object = "nf4"
     double_quant: bool = False
+    scale: str = "absmax"
 
     def levels(self):
         """The ``code`` to pass to :func:`nf4lib.quantize`. ``"nf4-symmetric"`` is
@@ -66,6 +68,8 @@ DEFAULT_SETTINGS = (
     Setting("fp4", "fp4"),
     # The textbook quantiles Phi^-1((2i+1)/32), no exact zero (QLoRA's table has one).
     Setting("nf4-symmetric", "nf4-symmetric"),
+    # the same bytes layout, each block's scale searched to lower its squared error
+    Setting("nf4-mse", "nf4", scale="mse"),
 )
 
 
@@ -135,8 +139,10 @@ def error_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict:
 def _settings(settings) -> tuple[Setting, ...]:
     out = []
     for s in settings:
-        if isinstance(s, str):
-            s = Setting(s, s.split("+")[0], s.endswith("+dq"))
+        if isinstance(s, str):  # "nf4", "nf4+dq", "int4-mse", "nf4-mse+dq", ...
+            base = s.split("+")[0]
+            mse = base.endswith("-mse")
+            s = Setting(s, base[:-4] if mse else base, s.endswith("+dq"), "mse" if mse else "absmax")
         if not isinstance(s, Setting):
             raise TypeError(f"settings must be Setting records or names like 'nf4' / 'nf4+dq', got {s!r}")
         out.append(s)
@@ -159,7 +165,7 @@ def compare_codebooks(
     records = []
     for bs in blocksizes:
         for s in settings:
-            q = quantize(x, blocksize=bs, code=s.levels(), double_quant=s.double_quant)
+            q = quantize(x, blocksize=bs, code=s.levels(), double_quant=s.double_quant, scale=s.scale)
             rec = {"setting": s.name, "blocksize": bs, "double_quant": s.double_quant,
                    "bits_per_param": bits_per_parameter(q), "numel": x.numel()}
             rec.update(error_metrics(x, dequantize(q, torch.float32)))

@@ -73,9 +73,13 @@ def test_report_json_and_csv_agree(transformers, capsys, llama_dir):
     assert tot["nf4"]["rel_l2"] < tot["int4"]["rel_l2"] < tot["fp4"]["rel_l2"]
     assert abs(tot["nf4+dq"]["rel_l2"] - tot["nf4"]["rel_l2"]) < 1e-3
     assert tot["nf4+dq"]["bytes_after"] < tot["nf4"]["bytes_after"] < res["totals"]["bytes_before"] / 6
+    # searched scales: same storage, lower error, on every layer
+    assert tot["nf4-mse"]["bytes_after"] == tot["nf4"]["bytes_after"]
+    assert tot["nf4-mse"]["sqnr_db"] > tot["nf4"]["sqnr_db"] + 0.3
+    assert all(r["settings"]["nf4-mse"]["mse"] < r["settings"]["nf4"]["mse"] for r in res["layers"])
     code, out, _ = run(capsys, "report", str(path / "model.safetensors"), "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert len(rows) == (14 + 1) * 4
+    assert len(rows) == (14 + 1) * 5
     total_nf4 = next(r for r in rows if r["layer"] == "TOTAL" and r["setting"] == "nf4")
     assert float(total_nf4["rel_l2"]) == pytest.approx(tot["nf4"]["rel_l2"])
 
@@ -165,6 +169,27 @@ def test_quantize_writes_a_checkpoint_a_converted_model_loads(transformers, caps
     for k, v in sd.items():
         assert torch.equal(v, ref[k]), k
     assert oct(os.stat(out).st_mode & 0o777) != oct(0o600)  # a normal file, not mkstemp's private mode
+
+
+def test_quantize_with_mse_scales_matches_convert(transformers, capsys, tmp_path, llama_dir):
+    path, model, cfg = llama_dir
+    out = tmp_path / "mse.safetensors"
+    code, stdout, _ = run(capsys, "quantize", str(path), str(out), "--scale", "mse")
+    assert code == 0 and "14 quantized" in stdout
+    sd = load_file(out)
+    ref = nf4lib.convert(model, scale="mse").state_dict()
+    for k, v in sd.items():
+        assert torch.equal(v, ref[k]), k
+    prefix = "model.layers.1.mlp.up_proj.weight"
+    w = model.model.layers[1].mlp.up_proj.weight
+    err_mse = (nf4lib.dequantize(nf4lib.from_bnb(sd, prefix)) - w).pow(2).mean()
+    err_abs = (nf4lib.dequantize(nf4lib.quantize(w.detach())) - w).pow(2).mean()
+    assert err_mse < 0.92 * err_abs
+    # a loaded skeleton needs no knowledge of how the scales were found
+    skeleton = nf4lib.convert(transformers.LlamaForCausalLM(cfg))
+    skeleton.load_state_dict(sd, strict=True)
+    code, _, err = run(capsys, "quantize", str(path), str(tmp_path / "x.safetensors"), "--scale", "rms")
+    assert code == 2 and "--scale" in err and not (tmp_path / "x.safetensors").exists()
 
 
 def test_bitsandbytes_reads_the_cli_output(bnb, transformers, capsys, tmp_path, llama_dir):

@@ -435,3 +435,28 @@ def test_16_bit_merge_equals_peft_merge_on_the_dequantized_weights(peft, transfo
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, before, rtol=1e-4, atol=1e-4)
     assert isinstance(pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer, nf4lib.NF4Linear)
+
+
+def test_convert_with_mse_scales_and_importance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    x = torch.randn(256, 128) * torch.rand(128) * 3  # uneven input features
+    plain, mse = nf4lib.convert(model), nf4lib.convert(model, scale="mse")
+    for i in (0, 2):
+        w = model[i].weight.detach()
+        err_plain = (plain[i].dequantize(torch.float32) - w).pow(2).sum()
+        err_mse = (mse[i].dequantize(torch.float32) - w).pow(2).sum()
+        assert err_mse < 0.95 * err_plain
+    # importance = the first layer's inputs' mean squares: its output error falls
+    imp = {"0": x.pow(2).mean(0)}
+    aware = nf4lib.convert(model, scale="mse", importance=imp)
+    with torch.no_grad():
+        ref = model[0](x)
+        out_err = lambda m: (m[0](x) - ref).pow(2).mean()  # noqa: E731
+        assert out_err(aware) < out_err(mse)
+    with pytest.raises(ValueError, match="not converted"):
+        nf4lib.convert(model, scale="mse", importance={"5": torch.ones(128)})
+    with pytest.raises(ValueError, match="only with scale='mse'"):
+        nf4lib.convert(model, importance=imp)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        nf4lib.convert(model, scale="max")
