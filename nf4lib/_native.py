@@ -198,7 +198,8 @@ def usable(*tensors) -> bool:
     """True when these tensors can go through the native kernels: the library is there,
     no torch.func transform or compile is tracing, and they are plain CPU tensors with
     storage, none needing a gradient."""
-    if _lib() is None or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    # tracing first: compile cannot trace _lib()'s first-load lock
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or _lib() is None:
         return False
     for t in tensors:
         if t is None:
