@@ -12,7 +12,9 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").g
 
 
 def test_there_are_notebooks():  # core: needs nothing
-    assert [p.name for p in NOTEBOOKS] == ["01_nf4_vs_int4_gaussian.ipynb", "02_nf4_vs_int4_minilm.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_nf4_vs_int4_gaussian.ipynb", "02_nf4_vs_int4_minilm.ipynb", "03_beyond_plain_nf4_minilm.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
