@@ -25,9 +25,11 @@ Importance weights (for example the diagonal of the inputs' second moments,
 ``E[x_k^2]`` per input feature) make ``E`` the expected squared error of the layer's
 output rather than of its weights (GPTQ / AWQ use the same diagonal).
 
-The native CPU kernel (``_csrc/nf4cpu_mse.c``) computes the same float32 terms in the same
-order and sums them in double, as this file does; the two pick the same scales unless
-two candidates' errors agree to about 1e-16.
+Every term is a float32 product in the order written; each sum is taken in 8 float32
+lanes (element ``j`` in lane ``j % 8``, in order), then the 8 lane totals in double,
+lane 0 first. The native CPU kernel (``_csrc/nf4cpu_mse.c``, whose AVX2 code holds
+exactly those 8 lanes) and ``reference/nf4.py`` sum the same way, so all three pick the
+same scales, bit for bit.
 """
 
 from __future__ import annotations
@@ -71,9 +73,25 @@ def _levels_below(u: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(u, thresholds, right=False, out_int32=True)
 
 
+def _lane_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of rows ``t`` (B, L) float32 as the native kernel takes it: 8 float32 lanes
+    (element j in lane j % 8, added in order), then the lanes in double, lane 0 first."""
+    pad = (-t.shape[1]) % 8
+    if pad:
+        t = torch.nn.functional.pad(t, (0, pad))  # zero terms change no float32 sum
+    t = t.view(t.shape[0], -1, 8)
+    acc = t[:, 0]
+    for k in range(1, t.shape[1]):
+        acc = acc + t[:, k]
+    total = acc[:, 0].double()
+    for lane in range(1, 8):
+        total = total + acc[:, lane].double()
+    return total
+
+
 def _error(v, w, s, thresholds, sorted_levels):
     """(E, sum w v c, sum w c c, levels) of rows ``v`` (B, L) under scales ``s`` (B,): the
-    same float32 terms as the native kernel, summed in double."""
+    same float32 terms and sums as the native kernel."""
     r = 1.0 / s.clamp(min=1e-38)
     u = (v * r[:, None]).clamp(-1.0, 1.0)
     levels = _levels_below(u, thresholds)
@@ -83,7 +101,7 @@ def _error(v, w, s, thresholds, sorted_levels):
         te, tx, tc = e * e, v * c, c * c
     else:
         te, tx, tc = (w * e) * e, (w * v) * c, (w * c) * c
-    return te.double().sum(1), tx.double().sum(1), tc.double().sum(1), levels
+    return _lane_sum(te), _lane_sum(tx), _lane_sum(tc), levels
 
 
 def _search(v, w, thresholds, sorted_levels):

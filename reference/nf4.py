@@ -148,19 +148,21 @@ def double_dequantize(codes, scales, offset, code, blocksize=256):
 
 def block_error(block, weights, scale, code):
     """(E, sum w v c, sum w c c, storage indices) of one block under ``scale``: each value
-    takes the level nearest ``value * (1 / scale)``, clamped to [-1, 1] (quantize's rule);
-    every term is a float32 product, summed in float64."""
+    takes the level nearest ``value * (1 / scale)``, clamped to [-1, 1] (quantize's rule).
+    Every term is a float32 product; each sum is kept in 8 float32 lanes (value j in lane
+    j % 8, added in order), and the lane totals are added in float64, lane 0 first."""
     r = F32(1) / max(F32(scale), F32(1e-38))
-    e2 = xc = cc = 0.0
+    lanes = np.zeros((3, 8), dtype=F32)
     indices = []
-    for v, w in zip(block, weights):
+    for j, (v, w) in enumerate(zip(block, weights)):
         idx = nearest_level(F32(np.clip(v * r, -1, 1)), code)
         c = code[idx]
         e = F32(v - F32(c * F32(scale)))
-        e2 += float(F32(F32(w * e) * e))
-        xc += float(F32(F32(w * v) * c))
-        cc += float(F32(F32(w * c) * c))
+        lanes[0, j % 8] = F32(lanes[0, j % 8] + F32(F32(w * e) * e))
+        lanes[1, j % 8] = F32(lanes[1, j % 8] + F32(F32(w * v) * c))
+        lanes[2, j % 8] = F32(lanes[2, j % 8] + F32(F32(w * c) * c))
         indices.append(idx)
+    e2, xc, cc = (sum(float(x) for x in row) for row in lanes)
     return e2, xc, cc, indices
 
 
