@@ -152,7 +152,7 @@ def quantize_mse(flat: torch.Tensor, blocksize: int, levels: torch.Tensor, thres
     thresholds = thresholds.to(device)
     if n == 0:
         return packed, scales, True
-    if _native.usable(flat, weights) and not flat.requires_grad:
+    if _native.usable(flat, weights):
         ok = _native.quantize_mse_into(flat.contiguous(), blocksize, thresholds, sorted_levels, storage, weights,
                                        RATIOS, STEPS, packed, scales)
         return packed, scales, ok

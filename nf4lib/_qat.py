@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._codebooks import resolve_code
 from ._fake import _STE, block_absmax, encode_with_scales, fake_quantize
 from ._linear import NF4Linear, check_compute_dtype, code_name_of
 from ._plan import DEFAULT_EXCLUDE, Exclude, plan_modules
 from ._quant import check_blocksize, quantize
-from ._codebooks import resolve_code
 
 __all__ = ["QATLinear", "prepare_qat", "finalize_qat"]
 
