@@ -28,7 +28,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ._convert import _record_quantization_config
 from ._plan import DEFAULT_EXCLUDE, plan_modules
 from ._linear import NF4Linear
-from ._quant import check_blocksize, quantize
+from ._quant import check_blocksize, check_scale, quantize
 from ._tensor import NF4Tensor, check_compute_dtype
 
 __all__ = ["NF4Config", "NF4Quantizer"]
@@ -40,12 +40,13 @@ class NF4Config(QuantizationConfigMixin):
 
     Args:
         exclude: module names or globs kept in full precision (default ``("lm_head",)``).
-        blocksize, code, double_quant: as in :func:`nf4lib.quantize` (``code`` a name).
+        blocksize, code, double_quant, scale: as in :func:`nf4lib.quantize` (``code`` a
+            name; ``scale="mse"`` searches each block's scale, same checkpoint format).
         compute_dtype: the matmul dtype; default: the dtype the model loads in.
     """
 
     def __init__(self, exclude=DEFAULT_EXCLUDE, blocksize: int = 64, code: str = "nf4", double_quant: bool = False,
-                 compute_dtype: Optional[torch.dtype] = None, **kwargs):
+                 compute_dtype: Optional[torch.dtype] = None, scale: str = "absmax", **kwargs):
         self.quant_method = "nf4lib"
         if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
             raise ValueError(f"exclude must be a sequence of module names or globs, got {exclude!r}")
@@ -55,6 +56,7 @@ class NF4Config(QuantizationConfigMixin):
         self.blocksize = check_blocksize(blocksize)
         self.code = code
         self.double_quant = bool(double_quant)
+        self.scale = check_scale(scale)
         if isinstance(compute_dtype, str):
             compute_dtype = getattr(torch, compute_dtype)
         self.compute_dtype = None if compute_dtype is None else str(check_compute_dtype(compute_dtype)).replace("torch.", "")
@@ -72,7 +74,8 @@ class _QuantizeOnLoad(ConversionOps):
         for name, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
             layer = model.get_submodule(name.rpartition(".")[0])
-            q = quantize(value.detach(), blocksize=cfg.blocksize, code=cfg.code, double_quant=cfg.double_quant)
+            q = quantize(value.detach(), blocksize=cfg.blocksize, code=cfg.code, double_quant=cfg.double_quant,
+                         scale=getattr(cfg, "scale", "absmax"))
             w = NF4Tensor.from_quantized(q, dtype=layer.compute_dtype, code_name=cfg.code)
             layer._is_hf_initialized = True
             layer._awaiting_weight = False

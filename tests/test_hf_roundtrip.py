@@ -129,6 +129,23 @@ def test_from_pretrained_output_saves_for_bitsandbytes(nf4hf, bnb, transformers,
         assert torch.equal(back(ids).logits, hf(ids).logits)
 
 
+def test_from_pretrained_with_searched_scales(nf4hf, bnb, transformers, tmp_path):
+    model, _ = _llama(transformers)
+    model.save_pretrained(tmp_path / "fp32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=nf4hf.NF4Config(scale="mse"))
+    want = nf4lib.convert(model, scale="mse")
+    got, ref = hf.state_dict(), want.state_dict()
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+    hf.save_pretrained(tmp_path / "nf4")  # the same bitsandbytes checkpoint format
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+    with pytest.raises(ValueError, match="scale must be"):
+        nf4hf.NF4Config(scale="rms")
+
+
 def test_from_pretrained_config_and_input_errors(nf4hf, transformers, tmp_path):
     with pytest.raises(ValueError, match="code must be"):
         nf4hf.NF4Config(code="int8")
