@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--code", choices=("nf4", "fp4"), default="nf4")
     q.add_argument("--scale", choices=("absmax", "mse"), default="absmax",
                    help="block scale: absmax (bitsandbytes' bytes exactly) or mse (searched per block to lower "
-                        "the error; same format, about 4x the time)")
+                        "the error; same format, 7-9x the time)")
     for cmd in (r, q):
         cmd.add_argument("--blocksize", type=_blocksize, default=64)
         cmd.add_argument("--exclude", action="append", metavar="PATTERN",

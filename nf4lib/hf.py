@@ -74,8 +74,7 @@ class _QuantizeOnLoad(ConversionOps):
         for name, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
             layer = model.get_submodule(name.rpartition(".")[0])
-            q = quantize(value.detach(), blocksize=cfg.blocksize, code=cfg.code, double_quant=cfg.double_quant,
-                         scale=getattr(cfg, "scale", "absmax"))
+            q = quantize(value.detach(), blocksize=cfg.blocksize, code=cfg.code, double_quant=cfg.double_quant, scale=cfg.scale)
             w = NF4Tensor.from_quantized(q, dtype=layer.compute_dtype, code_name=cfg.code)
             layer._is_hf_initialized = True
             layer._awaiting_weight = False
