@@ -26,7 +26,9 @@ from typing import Optional
 import torch
 
 from ._codebooks import CODE_NAMES, build_search_tables, named_code, named_thresholds, named_to_storage, resolve_code
+from ._mse import nearest_levels, pack_levels, scaled, sorted_levels, zero_code
 from ._quant import check_blocksize, check_scale, dequantize, quantize
+from ._records import QuantizedTensor
 
 __all__ = ["fake_quantize", "encode_with_scales", "block_absmax"]
 
@@ -47,22 +49,19 @@ def block_absmax(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     return _padded_blocks(w.detach(), check_blocksize(blocksize)).abs().amax(dim=1)
 
 
-def _sorted_code(code):
+def _code_tables(code):
+    """(levels in storage order, thresholds, sorted index -> storage index) of ``code``."""
     if isinstance(code, str):  # the cached tables: constants to torch.compile
         name = code.lower()
-        levels, thresholds, order = named_code(name), named_thresholds(name), named_to_storage(name)
-    else:
-        levels = resolve_code(code)
-        thresholds, order = build_search_tables(levels)
-    return levels, levels[order[: levels.numel()]], thresholds, order
+        return named_code(name), named_thresholds(name), named_to_storage(name)
+    levels = resolve_code(code)
+    return (levels, *build_search_tables(levels))
 
 
-def _assign(v: torch.Tensor, s: torch.Tensor, thresholds, sorted_levels):
-    """(u clamped, sorted level values) of blocks ``v`` under scales ``s``."""
-    u = v * (1.0 / s.clamp(min=1e-38))[:, None]
-    inside = u.abs() <= 1.0
-    idx = torch.bucketize(u.clamp(-1.0, 1.0), thresholds.to(v.device), right=False)
-    return u, inside, sorted_levels.to(v.device)[idx]
+def _assign(v: torch.Tensor, s: torch.Tensor, thresholds, table):
+    """(u = v / s unclamped, |u| <= 1, the nearest levels' values) of blocks ``v``."""
+    u = scaled(v, s)
+    return u, u.abs() <= 1.0, table.to(v.device)[nearest_levels(u, thresholds.to(v.device))]
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -92,9 +91,9 @@ class _LearnedScale(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(w, s, thresholds, sorted_levels, blocksize):
+    def forward(w, s, thresholds, table, blocksize):
         v = _padded_blocks(w, blocksize)
-        u, inside, c = _assign(v, s.float(), thresholds, sorted_levels)
+        u, inside, c = _assign(v, s.float(), thresholds, table)
         out = (c * s.float()[:, None]).reshape(-1)[: w.numel()].view(w.shape).to(w.dtype)
         return out, u, inside, c
 
@@ -158,8 +157,8 @@ def fake_quantize(
     if isinstance(scale, torch.Tensor):
         if scale.shape != (n_blocks,):
             raise ValueError(f"a learnable scale must have shape ({n_blocks},) for {w.numel()} elements at blocksize {blocksize}, got {tuple(scale.shape)}")
-        _, sorted_levels, thresholds, _ = _sorted_code(code)
-        return _LearnedScale.apply(w, scale, thresholds, sorted_levels, blocksize)[0]
+        levels, thresholds, order = _code_tables(code)
+        return _LearnedScale.apply(w, scale, thresholds, sorted_levels(levels, order), blocksize)[0]
     mode = check_scale(scale)
     q = quantize(w.detach(), blocksize=blocksize, code=code, scale=mode)
     w_hat = dequantize(q, w.dtype)
@@ -175,8 +174,6 @@ def encode_with_scales(w: torch.Tensor, scales: torch.Tensor, *, blocksize: int 
     """The :class:`QuantizedTensor` of ``w`` with the given per-block ``scales`` stored as
     its absmax: codes = nearest level to ``w * (1 / scale)``. What a learned-scale QAT
     model finalises to; ``dequantize`` of it equals ``fake_quantize(w, scale=scales)``."""
-    from ._records import QuantizedTensor
-
     check_blocksize(blocksize)
     scales = scales.detach().float().contiguous()
     n = w.numel()
@@ -184,14 +181,8 @@ def encode_with_scales(w: torch.Tensor, scales: torch.Tensor, *, blocksize: int 
         raise ValueError(f"scales must have shape ({-(-n // blocksize)},), got {tuple(scales.shape)}")
     if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
         raise ValueError("scales must be finite and non-negative")
-    levels, _, thresholds, order = _sorted_code(code)
-    v = _padded_blocks(w.detach(), blocksize)
-    u = (v * (1.0 / scales.clamp(min=1e-38))[:, None]).clamp(-1.0, 1.0)
-    idx = torch.bucketize(u, thresholds.to(w.device), right=False)
-    stored = order.to(w.device)[idx].reshape(-1)[:n]
-    if n % 2:
-        zero = order[torch.bucketize(torch.zeros(1), thresholds, right=False)].to(w.device)
-        stored = torch.cat([stored, zero])
-    pairs = stored.view(-1, 2)
-    packed = ((pairs[:, 0] << 4) | pairs[:, 1]).to(torch.uint8)
+    levels, thresholds, order = _code_tables(code)
+    thresholds, storage = thresholds.to(w.device), order.to(device=w.device, dtype=torch.uint8)
+    lv = nearest_levels(scaled(_padded_blocks(w.detach(), blocksize), scales), thresholds)
+    packed = pack_levels(lv.reshape(-1)[:n], storage, zero_code(storage, thresholds))
     return QuantizedTensor(packed, scales.to(w.device), levels.to(w.device), tuple(w.shape), w.dtype, blocksize)

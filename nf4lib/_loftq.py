@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from ._linear import NF4Linear, code_name_of
+from ._linear import NF4Linear
 from ._plan import DEFAULT_EXCLUDE, Exclude, plan_modules
 from ._quant import check_blocksize, check_scale, dequantize, quantize
 from ._records import QuantizedTensor
@@ -142,9 +142,7 @@ def loftq_convert(
     replace, factors = {}, {}
     for mid, (name, lin) in candidates.items():
         r = loftq_init(lin, rank, iterations, blocksize=blocksize, code=code, double_quant=double_quant, scale=scale)
-        layer = NF4Linear.from_quantized(r.quantized, lin.bias, compute_dtype=compute_dtype)
-        layer._set_record(r.quantized, compute_dtype or r.quantized.dtype, code_name_of(code))
-        replace[mid] = layer
+        replace[mid] = NF4Linear.from_quantized(r.quantized, lin.bias, compute_dtype=compute_dtype)
         factors[name] = (r.lora_A, r.lora_B)
     if id(model) in replace:
         return replace[id(model)], factors

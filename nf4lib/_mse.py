@@ -38,7 +38,7 @@ import torch
 
 from . import _native
 
-__all__ = ["RATIOS", "STEPS", "check_weights", "quantize_mse"]
+__all__ = ["RATIOS", "STEPS", "check_weights", "quantize_mse", "scaled", "nearest_levels", "sorted_levels", "pack_levels", "zero_code"]
 
 # after ratio 1; on N(0, 1) at blocksize 64 these and 2 steps gain 13.0%, a grid of 8
 # (0.975 .. 0.8) with 2 steps 13.2% for nearly twice the time, one ratio (0.9) 12.3%
@@ -73,6 +73,39 @@ def _levels_below(u: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(u, thresholds, right=False, out_int32=True)
 
 
+def scaled(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Blocks ``v`` (B, L) times their scales' float32 reciprocals ``1 / s`` (B,), as quantize scales."""
+    return v * (1.0 / s.clamp(min=1e-38))[:, None]
+
+
+def nearest_levels(u: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Sorted index of the level nearest each scaled value ``u``, clamped to [-1, 1] first."""
+    return _levels_below(u.clamp(-1.0, 1.0), thresholds)
+
+
+def sorted_levels(levels: torch.Tensor, to_storage: torch.Tensor) -> torch.Tensor:
+    """float32 (16,): the codebook's values in sorted order (zero-padded), from ``levels``
+    in storage order and ``to_storage`` (sorted index -> storage index)."""
+    k = levels.numel()
+    out = torch.zeros(16, dtype=torch.float32, device=levels.device)
+    out[:k] = levels.float()[to_storage[:k].to(levels.device)]
+    return out
+
+
+def zero_code(storage: torch.Tensor, thresholds: torch.Tensor) -> int:
+    """The stored code of 0.0 (what an odd tail is padded with, as bitsandbytes pads)."""
+    return int(storage[_levels_below(torch.zeros(1, device=thresholds.device), thresholds)].item())
+
+
+def pack_levels(levels: torch.Tensor, storage: torch.Tensor, zero: int) -> torch.Tensor:
+    """Sorted level indices (n,) -> stored codes, two per byte (even element high)."""
+    q = storage[levels.long()].to(torch.int32)
+    if q.numel() % 2:
+        q = torch.cat([q, q.new_full((1,), zero)])
+    q = q.reshape(-1, 2)
+    return ((q[:, 0] << 4) | q[:, 1]).to(torch.uint8)
+
+
 def _lane_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of rows ``t`` (B, L) float32 as the native kernel takes it: 8 float32 lanes
     (element j in lane j % 8, added in order), then the lanes in double, lane 0 first."""
@@ -92,9 +125,7 @@ def _lane_sum(t: torch.Tensor) -> torch.Tensor:
 def _error(v, w, s, thresholds, sorted_levels):
     """(E, sum w v c, sum w c c, levels) of rows ``v`` (B, L) under scales ``s`` (B,): the
     same float32 terms and sums as the native kernel."""
-    r = 1.0 / s.clamp(min=1e-38)
-    u = (v * r[:, None]).clamp(-1.0, 1.0)
-    levels = _levels_below(u, thresholds)
+    levels = nearest_levels(scaled(v, s), thresholds)
     c = sorted_levels[levels]
     e = v - c * s[:, None]
     if w is None:
@@ -108,31 +139,26 @@ def _search(v, w, thresholds, sorted_levels):
     """Scales and sorted level indices of rows ``v`` (B, L) float32."""
     am = v.abs().amax(dim=1)
     best_s = am
-    best = _error(v, w, am, thresholds, sorted_levels)[:3]
+    best = _error(v, w, am, thresholds, sorted_levels)
+
+    def keep(better, s, trial):
+        # the winner's scale, sums and levels, block by block
+        sums = tuple(torch.where(better, new, old) for new, old in zip(trial[:3], best[:3]))
+        return torch.where(better, s, best_s), sums + (torch.where(better[:, None], trial[3], best[3]),)
+
     for ratio in RATIOS.to(v.device):
         s = am * ratio
-        e, xc, cc, _ = _error(v, w, s, thresholds, sorted_levels)
-        better = e < best[0]
-        best_s = torch.where(better, s, best_s)
-        best = tuple(torch.where(better, new, old) for new, old in zip((e, xc, cc), best))
+        trial = _error(v, w, s, thresholds, sorted_levels)
+        best_s, best = keep(trial[0] < best[0], s, trial)
     active = torch.ones_like(am, dtype=torch.bool)
     for _ in range(STEPS):
         active = active & (best[2] > 0)
         s = torch.where(active, (best[1] / best[2].clamp(min=1e-300)).float(), best_s)
         active = active & (s > 0)
-        e, xc, cc, _ = _error(v, w, s, thresholds, sorted_levels)
-        active = active & (e < best[0])
-        best_s = torch.where(active, s, best_s)
-        best = tuple(torch.where(active, new, old) for new, old in zip((e, xc, cc), best))
-    return best_s, _error(v, w, best_s, thresholds, sorted_levels)[3]
-
-
-def _pack(levels: torch.Tensor, storage: torch.Tensor, zero_code: int) -> torch.Tensor:
-    q = storage[levels.long()].to(torch.int32)
-    if q.numel() % 2:
-        q = torch.cat([q, q.new_full((1,), zero_code)])  # an odd tail pads with the code of 0
-    q = q.reshape(-1, 2)
-    return ((q[:, 0] << 4) | q[:, 1]).to(torch.uint8)
+        trial = _error(v, w, s, thresholds, sorted_levels)
+        active = active & (trial[0] < best[0])
+        best_s, best = keep(active, s, trial)
+    return best_s, best[3]
 
 
 def quantize_mse(flat: torch.Tensor, blocksize: int, levels: torch.Tensor, thresholds: torch.Tensor,
@@ -145,36 +171,31 @@ def quantize_mse(flat: torch.Tensor, blocksize: int, levels: torch.Tensor, thres
     n_blocks = -(-n // blocksize)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
     scales = torch.empty(n_blocks, dtype=torch.float32, device=device)
-    k = levels.numel()
-    sorted_levels = torch.zeros(16, dtype=torch.float32, device=device)
-    sorted_levels[:k] = levels.float()[to_storage[:k].to(device)]
+    table = sorted_levels(levels, to_storage)
     storage = to_storage.to(device=device, dtype=torch.uint8)
     thresholds = thresholds.to(device)
     if n == 0:
         return packed, scales, True
     if _native.usable(flat, weights):
-        ok = _native.quantize_mse_into(flat.contiguous(), blocksize, thresholds, sorted_levels, storage, weights,
+        ok = _native.quantize_mse_into(flat.contiguous(), blocksize, thresholds, table, storage, weights,
                                        RATIOS, STEPS, packed, scales)
         return packed, scales, ok
     if not bool(torch.isfinite(flat).all()):
         return packed, scales, False
-    zero_code = int(storage[_levels_below(torch.zeros(1, device=device), thresholds)].item())
+    zero = zero_code(storage, thresholds)
     x = flat.detach().float()
     full = n - n % blocksize
-    rows = max(1, _CHUNK_ELEMS // blocksize)
-    for lo in range(0, full, rows * blocksize):
-        hi = min(full, lo + rows * blocksize)
-        v = x[lo:hi].view(-1, blocksize)
-        w = None if weights is None else _weights_for(weights, lo, hi).view(-1, blocksize)
-        s, lv = _search(v, w, thresholds, sorted_levels)
-        scales[lo // blocksize : hi // blocksize] = s
-        packed[lo // 2 : hi // 2] = _pack(lv.reshape(-1), storage, zero_code)
+    step = max(1, _CHUNK_ELEMS // blocksize) * blocksize
+    # chunks of whole blocks, then the partial last block as one row of its own length
+    spans = [(lo, min(full, lo + step), blocksize) for lo in range(0, full, step)]
     if full < n:
-        v = x[full:].view(1, -1)
-        w = None if weights is None else _weights_for(weights, full, n).view(1, -1)
-        s, lv = _search(v, w, thresholds, sorted_levels)
-        scales[-1:] = s
-        packed[full // 2 :] = _pack(lv.reshape(-1), storage, zero_code)
+        spans.append((full, n, n - full))
+    for lo, hi, length in spans:
+        v = x[lo:hi].view(-1, length)
+        w = None if weights is None else _weights_for(weights, lo, hi).view(-1, length)
+        s, lv = _search(v, w, thresholds, table)
+        scales[lo // blocksize : lo // blocksize + s.numel()] = s
+        packed[lo // 2 : (hi + 1) // 2] = pack_levels(lv.reshape(-1), storage, zero)
     return packed, scales, True
 
 

@@ -275,13 +275,19 @@ def gemv(x: torch.Tensor, q, dtype: torch.dtype, bias: torch.Tensor | None, *, l
     return y
 
 
+def _search_tables(thresholds: torch.Tensor, storage: torch.Tensor | None):
+    """The kernels' float32 thresholds and uint8 sorted-index -> stored-code map (identity for None)."""
+    thr = thresholds.float().contiguous()
+    st = torch.arange(16, dtype=torch.uint8) if storage is None else storage.to(torch.uint8).contiguous()
+    return thr, st
+
+
 def quantize_into(flat: torch.Tensor, blocksize: int, thresholds: torch.Tensor, storage: torch.Tensor | None,
                   packed: torch.Tensor, absmax: torch.Tensor) -> bool:
     """Quantize the contiguous CPU tensor ``flat`` into ``packed`` / ``absmax`` (as
     ``quantize`` lays them out); False if it holds a NaN or Inf."""
     lib = _lib()
-    thr = thresholds.float().contiguous()
-    st = torch.arange(16, dtype=torch.uint8) if storage is None else storage.to(torch.uint8).contiguous()
+    thr, st = _search_tables(thresholds, storage)
     bad = lib.nf4_quantize(_ptr(flat), _CODES[flat.dtype], flat.numel(), blocksize, _ptr(thr), _ptr(st), _ptr(packed), _ptr(absmax), _threads())
     return not bad
 
@@ -293,8 +299,7 @@ def quantize_mse_into(flat: torch.Tensor, blocksize: int, thresholds: torch.Tens
     (``weights``: None or contiguous float32, element i's weight ``weights[i % len]``);
     False if it holds a NaN or Inf."""
     lib = _lib()
-    thr = thresholds.float().contiguous()
-    st = torch.arange(16, dtype=torch.uint8) if storage is None else storage.to(torch.uint8).contiguous()
+    thr, st = _search_tables(thresholds, storage)
     lev = levels16.float().contiguous()
     r = ratios.float().contiguous()
     wp = _ptr(weights) if weights is not None else None

@@ -25,7 +25,7 @@ from torch import nn
 
 from ._codebooks import resolve_code
 from ._fake import _STE, block_absmax, encode_with_scales, fake_quantize
-from ._linear import NF4Linear, check_compute_dtype, code_name_of
+from ._linear import NF4Linear, check_compute_dtype
 from ._plan import DEFAULT_EXCLUDE, Exclude, plan_modules
 from ._quant import check_blocksize, quantize
 
@@ -110,9 +110,7 @@ def _finalized(layer: QATLinear, compute_dtype) -> NF4Linear:
         q = encode_with_scales(w, layer.scale, blocksize=layer.blocksize, code=layer.code)
     else:
         q = quantize(w, blocksize=layer.blocksize, code=layer.code, scale=layer.mode)
-    out = NF4Linear.from_quantized(q, layer.bias, compute_dtype=compute_dtype)
-    out._set_record(q, compute_dtype or q.dtype, code_name_of(layer.code))
-    return out
+    return NF4Linear.from_quantized(q, layer.bias, compute_dtype=compute_dtype)  # names its codebook from q.code
 
 
 def finalize_qat(model: nn.Module, *, compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
