@@ -20,10 +20,7 @@
 #include "nf4cpu.h"
 
 #if NF4_X86
-#include <immintrin.h>
-
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-#define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+#include "nf4cpu_avx2.h"
 
 /* the four byte planes of 16 float32 values (v0: values 0-7, v1: 8-15) */
 AVX2_INLINE void planes_of(__m256 v0, __m256 v1, __m128i p[4]) {
@@ -318,10 +315,7 @@ AVX2 void nf4_quantize_avx2(const void *x, int dtype, int64_t b0, int64_t b1, in
             finite = _mm256_and_ps(finite, _mm256_cmp_ps(a, fmax, _CMP_LE_OQ));
             m = _mm256_max_ps(m, a);
         }
-        __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_max_ss(s, _mm_movehdup_ps(s));
-        const float am = _mm_cvtss_f32(s);
+        const float am = nf4_hmax8(m);
         absmax[b] = am;
         const __m256 r = _mm256_set1_ps(1.0f / (am > 1e-38f ? am : 1e-38f));
         for (int64_t j = 0; j < bs; j += 16) {
@@ -329,11 +323,8 @@ AVX2 void nf4_quantize_avx2(const void *x, int dtype, int64_t b0, int64_t b1, in
             __m256 v1 = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(load8(x, dtype, base + j + 8), r), lo), hi);
             /* 16 int32 levels -> 16 bytes in element order */
             __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(levels8(v0, thr), levels8(v1, thr)), 0xD8);
-            __m128i q = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-            q = _mm_shuffle_epi8(storage, q);  /* sorted index -> stored code */
-            /* byte pairs (even, odd) -> (even << 4) | odd */
-            __m128i pair = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(q, 4), _mm_set1_epi16(0x00F0)), _mm_srli_epi16(q, 8));
-            _mm_storel_epi64((__m128i *)(packed + base / 2 + j / 2), _mm_packus_epi16(pair, pair));
+            nf4_pack16(_mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)), storage,
+                       packed + base / 2 + j / 2);
         }
     }
     if (_mm256_movemask_ps(finite) != 0xFF) *bad = 1;

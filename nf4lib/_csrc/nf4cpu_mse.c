@@ -50,12 +50,11 @@ static void sse_scalar(const float *v, const float *w, int64_t n, float s, const
 }
 
 #if NF4_X86
-#include <immintrin.h>
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#include "nf4cpu_avx2.h"
 
 
 /* t[idx] for a 16-entry table held as two vectors (lanes' idx in [0, 15]) */
-static inline __attribute__((always_inline, target("avx2,fma,f16c"))) __m256 perm16(__m256 lo, __m256 hi, __m256i idx) {
+AVX2_INLINE __m256 perm16(__m256 lo, __m256 hi, __m256i idx) {
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
                             _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
 }
@@ -122,19 +121,13 @@ static AVX2 float absmax_avx2(const float *v, int64_t n, int *bad) {
         m = _mm256_max_ps(m, a);
     }
     if (_mm256_movemask_ps(finite) != 0xFF) *bad = 1;
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    return nf4_hmax8(m);
 }
 
 /* 16 sorted level indices at a time -> stored codes, two per byte (n a multiple of 16) */
 static AVX2 void pack_avx2(const uint8_t *lv, int64_t n, const uint8_t *storage16, uint8_t *packed) {
     const __m128i storage = _mm_loadu_si128((const __m128i *)storage16);
-    for (int64_t k = 0; k < n; k += 16) {
-        __m128i q = _mm_shuffle_epi8(storage, _mm_loadu_si128((const __m128i *)(lv + k)));
-        __m128i pair = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(q, 4), _mm_set1_epi16(0x00F0)), _mm_srli_epi16(q, 8));
-        _mm_storel_epi64((__m128i *)(packed + k / 2), _mm_packus_epi16(pair, pair));
-    }
+    for (int64_t k = 0; k < n; k += 16) nf4_pack16(_mm_loadu_si128((const __m128i *)(lv + k)), storage, packed + k / 2);
 }
 #endif
 
