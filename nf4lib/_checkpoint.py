@@ -15,6 +15,7 @@ import os
 import torch
 from torch import nn
 
+from ._interop import from_bnb
 from ._safetensors import CheckpointError, index_file, read_tensor, write_file
 
 
@@ -101,6 +102,39 @@ def save_quantized(model: nn.Module, path, *, metadata: dict[str, str] | None = 
     write_file(to_write, path, meta)
 
 
+def _read_layout_metadata(path: str, meta: dict, stored: dict) -> tuple[dict, list]:
+    """The aliases (``{name: stored name}``) and non-persistent buffer names of a file's
+    metadata, checked: an alias may only name a tensor the file does not store, and only
+    point at one it does (else the loaded model would silently differ from the file)."""
+    try:
+        aliases = json.loads(meta.get(_ALIASES, "{}"))
+        non_persistent = json.loads(meta.get(_NON_PERSISTENT, "[]"))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path!r}: unreadable nf4lib metadata ({type(e).__name__})") from None
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise ValueError(f"{path!r}: metadata {_ALIASES!r} must map tensor names to tensor names")
+    for alias, source in aliases.items():
+        if alias in stored:
+            raise ValueError(f"{path!r}: metadata {_ALIASES!r} names {alias!r}, which the file stores itself")
+        if source not in stored:
+            raise ValueError(f"{path!r}: metadata {_ALIASES!r} points {alias!r} at {source!r}, which the file does not store")
+    if not isinstance(non_persistent, list) or not all(isinstance(k, str) for k in non_persistent):
+        raise ValueError(f"{path!r}: metadata {_NON_PERSISTENT!r} must be a list of buffer names")
+    return aliases, non_persistent
+
+
+def _check_quantized_entries(path: str, tensors: dict) -> None:
+    """Every 4-bit weight the file holds must read as a valid record (sizes, blocksizes,
+    finite scales) before any of it is loaded: a ValueError naming the file and tensor."""
+    for key in tensors:
+        prefix, sep, _ = key.partition(".quant_state.")
+        if sep:
+            try:
+                from_bnb(tensors, prefix)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path!r}: the 4-bit weight {prefix!r} is malformed: {e}") from None
+
+
 def load_quantized(model: nn.Module, path, *, strict: bool = True, device="cpu"):
     """Fill ``model`` from a file written by :func:`save_quantized`, in place, as
     ``load_state_dict`` does.
@@ -142,9 +176,11 @@ def load_quantized(model: nn.Module, path, *, strict: bool = True, device="cpu")
         tensors = {k: read_tensor(e, k).to(device) for k, e in entries.items()}
     except CheckpointError as e:
         raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from None
-    for alias, source in json.loads(meta.get(_ALIASES, "{}")).items():
+    aliases, non_persistent = _read_layout_metadata(path, meta, tensors)
+    _check_quantized_entries(path, tensors)
+    for alias, source in aliases.items():
         tensors[alias] = tensors[source]
-    extra = {k: tensors.pop(k) for k in json.loads(meta.get(_NON_PERSISTENT, "[]")) if k in tensors}
+    extra = {k: tensors.pop(k) for k in non_persistent if k in tensors}
 
     # Remember which modules share one Parameter, to tie them again after assigning.
     groups: dict[int, list[tuple[nn.Module, str]]] = {}

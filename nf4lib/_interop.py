@@ -22,11 +22,13 @@ rather than misreading them.
 from __future__ import annotations
 
 import json
+import math
 from typing import Mapping
 
 import torch
 
 from ._codebooks import code_name as _code_name
+from ._quant import check_finite, validate
 from ._records import DoubleQuantized, QuantizedTensor
 
 __all__ = ["from_bnb", "to_bnb", "QUANT_STATE_SUFFIXES"]
@@ -35,6 +37,10 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 _NAMED_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 # The blocksizes bitsandbytes 0.50's 4-bit kernels read.
 _BNB_BLOCKSIZES = (32, 4096)
+# bitsandbytes' quant_storage dtypes (Params4bit): the packed bytes viewed as one of these.
+_QUANT_STORAGE = (torch.int8, torch.float16, torch.bfloat16, torch.float32)
+# A quant state is ~150 bytes of JSON; refuse absurd ones before decoding them.
+_MAX_QUANT_STATE = 1 << 16
 # The sub-keys a quantized weight owns, after "<prefix>.".
 QUANT_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
@@ -94,8 +100,52 @@ def quant_state_tensor(meta: dict) -> torch.Tensor:
 
 
 def read_quant_state(raw: torch.Tensor) -> dict:
-    """The JSON entry's dict (raises ``ValueError`` if the bytes are not JSON)."""
-    return json.loads(bytes(raw.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
+    """The JSON entry's dict (raises ``ValueError`` if the bytes are not a JSON object)."""
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8 or raw.numel() > _MAX_QUANT_STATE:
+        raise ValueError(f"the quant state must be uint8 JSON bytes of at most {_MAX_QUANT_STATE}, got "
+                         f"{getattr(raw, 'dtype', type(raw).__name__)} of {getattr(raw, 'numel', lambda: '?')()} entries")
+    try:
+        meta = json.loads(bytes(raw.detach().cpu().reshape(-1).tolist()).decode("utf-8"))
+    except RecursionError:
+        raise ValueError("the quant state's JSON is nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the quant state is not UTF-8 text ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"the quant state must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _int_field(meta: dict, key: str, default=None) -> int:
+    v = meta.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{key} must be an integer, got {v!r}")
+    return v
+
+
+def parse_quant_state(meta: dict) -> tuple:
+    """``(shape, blocksize, dtype, nested)`` from a quant state's dict, every field checked
+    (a file is untrusted input); ``nested`` is ``(nested_blocksize, offset)`` or None."""
+    shape = meta.get("shape")
+    if not isinstance(shape, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+        raise ValueError(f"shape must be a list of non-negative integers, got {shape!r}")
+    blocksize = _int_field(meta, "blocksize")
+    if not 16 <= blocksize <= 65536 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two in [16, 65536], got {blocksize}")
+    if meta.get("dtype") not in _NAMED_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_NAMED_DTYPES)}, got {meta.get('dtype')!r}")
+    nested = None
+    if "nested_offset" in meta:
+        offset = meta["nested_offset"]
+        # bitsandbytes writes a float (the absmax vector's mean); an integer only where exact in float32
+        exact_int = isinstance(offset, int) and not isinstance(offset, bool) and abs(offset) <= 1 << 24
+        limit = torch.finfo(_NAMED_DTYPES[meta["dtype"]]).max  # an absmax of this dtype's values is below it
+        if not (exact_int or isinstance(offset, float)) or not math.isfinite(offset) or abs(offset) > limit:
+            raise ValueError(f"nested_offset must be a finite float within {meta['dtype']}'s range, got {offset!r}")
+        nested_bs = _int_field(meta, "nested_blocksize", 256)
+        if not 2 <= nested_bs <= 65536 or nested_bs & (nested_bs - 1):
+            raise ValueError(f"nested_blocksize must be a power of two in [2, 65536], got {nested_bs}")
+        nested = (nested_bs, float(offset))
+    return tuple(shape), blocksize, _NAMED_DTYPES[meta["dtype"]], nested
 
 
 def quant_state_key(state_dict: Mapping[str, torch.Tensor], prefix: str) -> str | None:
@@ -145,36 +195,38 @@ def from_bnb(state_dict: Mapping[str, torch.Tensor], prefix: str = "weight") -> 
         raise ValueError(f"no '{prefix}.quant_state.bitsandbytes__nf4/fp4' entry in the state dict")
     raw = _need(state_dict, js_key)
     try:
-        meta = read_quant_state(raw)
-        shape = tuple(int(s) for s in meta["shape"])
-        blocksize = int(meta["blocksize"])
-        dtype = _NAMED_DTYPES[meta["dtype"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{js_key!r} is not a readable bitsandbytes quant state: {e!r}") from None
-    n = 1
-    for s in shape:
-        n *= s
+        shape, blocksize, dtype, nested = parse_quant_state(read_quant_state(raw))
+    except ValueError as e:
+        raise ValueError(f"{js_key!r} is not a readable bitsandbytes quant state: {e}") from None
+    n = math.prod(shape)
     n_blocks = -(-n // blocksize)
     packed = _need(state_dict, prefix)
-    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may be another dtype: same bytes
+    if packed.dtype != torch.uint8:
+        # bitsandbytes' quant_storage (uint8 by default; another dtype for FSDP) holds the
+        # same bytes viewed as that dtype: read them back as bytes, their count checked below
+        if packed.dtype not in _QUANT_STORAGE:
+            raise ValueError(f"{prefix!r}: packed codes must be uint8 (or a bitsandbytes quant_storage dtype), got {packed.dtype}")
         packed = packed.contiguous().view(torch.uint8)
     packed = packed.reshape(-1)
     _check(packed.numel() == (n + 1) // 2, prefix, f"{(n + 1) // 2} bytes for shape {shape}", packed)
     code = _need(state_dict, prefix + ".quant_map")
     _check(code.dim() == 1 and 1 <= code.numel() <= 16 and code.dtype == torch.float32, prefix + ".quant_map", "float32 (<=16,)", code)
     absmax = _need(state_dict, prefix + ".absmax")
-    if "nested_offset" in meta:
+    if nested is not None:
+        nested_bs, offset = nested
         codes = absmax
         _check(codes.dtype == torch.uint8 and codes.numel() == n_blocks, prefix + ".absmax", f"uint8 ({n_blocks},)", codes)
-        nested_bs = int(meta.get("nested_blocksize", 256))
         scales = _need(state_dict, prefix + ".nested_absmax")
         groups = -(-n_blocks // nested_bs)
         _check(scales.dtype == torch.float32 and scales.numel() == groups, prefix + ".nested_absmax", f"float32 ({groups},)", scales)
         dq_code = _need(state_dict, prefix + ".nested_quant_map")
         _check(dq_code.dtype == torch.float32 and dq_code.numel() == 256, prefix + ".nested_quant_map", "float32 (256,)", dq_code)
-        offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=codes.device)
-        stored = DoubleQuantized(codes.reshape(-1), scales.reshape(-1), offset, dq_code, nested_bs)
+        offset = torch.tensor(offset, dtype=torch.float32, device=codes.device)
+        stored = DoubleQuantized(codes.reshape(-1), scales.reshape(-1), offset, dq_code.reshape(-1), nested_bs)
     else:
         _check(absmax.dtype == torch.float32 and absmax.numel() == n_blocks, prefix + ".absmax", f"float32 ({n_blocks},)", absmax)
         stored = absmax.reshape(-1)
-    return QuantizedTensor(packed, stored, code, shape, dtype, blocksize)
+    q = QuantizedTensor(packed, stored, code, shape, dtype, blocksize)
+    validate(q, repr(prefix))  # devices, and anything the checks above left out
+    check_finite(q, repr(prefix))
+    return q

@@ -39,7 +39,9 @@ __all__ = [
 
 ISAS = ("scalar", "avx2", "avx512")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_ABI = 2
+_ABI = 3
+# An entry point refused buffers that do not cover its work (nf4cpu.h: NF4_EARGS).
+_EARGS = -2
 _lock = threading.RLock()  # re-entered by the self-check, which quantizes with the library off
 _state = {"lib": None, "tried": False, "off": 0}
 
@@ -49,6 +51,7 @@ class _Scales(ctypes.Structure):
     _fields_ = [
         ("absmax", ctypes.c_void_p), ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p),
         ("map", ctypes.c_void_p), ("offset", ctypes.c_float), ("group_shift", ctypes.c_int64),
+        ("n_absmax", ctypes.c_int64), ("n_scales", ctypes.c_int64), ("n_map", ctypes.c_int64),
     ]
 
 
@@ -58,10 +61,10 @@ _SIGNATURES = {
     "nf4_best_isa": ([], _INT),
     "nf4_set_isa": ([_INT], _INT),
     "nf4_get_isa": ([], _INT),
-    "nf4_decode": ([_P, ctypes.POINTER(_Scales), _P, _I64, _I64, _I64, _P, _INT, _INT], _INT),
-    "nf4_gemv": ([_P, _I64, _I64, _I64, _P, ctypes.POINTER(_Scales), _P, _I64, _INT, _P, _P, _INT], _INT),
-    "nf4_quantize": ([_P, _INT, _I64, _I64, _P, _P, _P, _P, _INT], _INT),
-    "nf4_quantize_mse": ([_P, _INT, _I64, _I64, _P, _I64, _P, _P, _P, _P, _INT, _INT, _P, _P, _INT], _INT),
+    "nf4_decode": ([_P, _I64, ctypes.POINTER(_Scales), _P, _I64, _I64, _I64, _P, _I64, _INT, _INT], _INT),
+    "nf4_gemv": ([_P, _I64, _I64, _I64, _I64, _P, _I64, ctypes.POINTER(_Scales), _P, _I64, _INT, _P, _I64, _P, _I64, _INT], _INT),
+    "nf4_quantize": ([_P, _INT, _I64, _I64, _P, _P, _P, _I64, _P, _I64, _INT], _INT),
+    "nf4_quantize_mse": ([_P, _INT, _I64, _I64, _P, _I64, _P, _P, _P, _P, _INT, _INT, _P, _I64, _P, _I64, _INT], _INT),
 }
 
 
@@ -122,32 +125,51 @@ def _select_isa(lib) -> None:
         warnings.warn(f"nf4lib: the {bad} kernels disagree with the scalar ones on this CPU; using {ISAS[lib.nf4_get_isa()]}")
 
 
+# Every blocksize the kernels accept (nf4cpu.h: nf4_blocksize_ok; ``_quant.validate``).
+BLOCKSIZES = tuple(1 << p for p in range(4, 17))
+
+
 def _self_check(lib) -> bool:
-    """The chosen SIMD path against the scalar one on random codes and scales (a few ms)."""
+    """The chosen SIMD path against the scalar one, on random codes and scales, at every
+    blocksize the kernels accept (plain and double-quantized, whole and partial ranges,
+    three output dtypes, the GEMV in three rounding dtypes): ~20 ms, once per process."""
     gen = torch.Generator().manual_seed(0)
-    shape = (24, 192)
-    n = shape[0] * shape[1]
-    packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen)
     code = torch.linspace(-1, 1, 16)
-    plain = QuantizedTensor(packed, torch.rand(n // 64, generator=gen), code, shape, torch.float32, 64)
-    nested = DoubleQuantized(torch.randint(0, 256, (n // 32,), dtype=torch.uint8, generator=gen),
-                             torch.rand(1, generator=gen), torch.tensor(0.25), torch.linspace(-1, 1, 256), 256)
-    records = (plain, QuantizedTensor(packed, nested, code, shape, torch.float32, 32))
-    x = torch.randn(3, shape[1], generator=gen)
     chosen = lib.nf4_get_isa()
-    for q in records:
-        results = []
-        for level in (chosen, 0):
-            lib.nf4_set_isa(level)
-            out = [torch.empty(n, dtype=d) for d in _CODES]
-            for o in out:
-                decode_into(o, q, lib=lib)
-            results.append((out, gemv(x, q, torch.bfloat16, None, lib=lib)))
-        lib.nf4_set_isa(chosen)
-        (fast, y_fast), (slow, y_slow) = results
-        if not all(torch.equal(a, b) for a, b in zip(fast, slow)) or not torch.allclose(y_fast, y_slow, rtol=1e-5, atol=1e-5):
-            return False
+    for bs in BLOCKSIZES:
+        # rows of 192 (short sums, so a tight tolerance), 2.5 blocks or more (a partial last one)
+        shape = (max(24, -(-5 * bs // (2 * 192))), 192)
+        n = shape[0] * shape[1]
+        nb = -(-n // bs)
+        packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen)
+        plain = QuantizedTensor(packed, torch.rand(nb, generator=gen), code, shape, torch.float32, bs)
+        nested = DoubleQuantized(torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=gen),
+                                 torch.rand(-(-nb // 4), generator=gen), torch.tensor(0.25), torch.linspace(-1, 1, 256), 4)
+        x = torch.randn(3, shape[1], generator=gen)
+        for q in (plain, QuantizedTensor(packed, nested, code, shape, torch.float32, bs)):
+            results = []
+            for level in (chosen, 0):
+                lib.nf4_set_isa(level)
+                out = []
+                for d in _CODES:
+                    whole, part = torch.empty(n, dtype=d), torch.empty(n - 8, dtype=d)
+                    decode_into(whole, q, lib=lib)
+                    decode_into(part, q, 3, n - 5, lib=lib)  # unaligned ends
+                    out += [whole, part]
+                results.append((out, [gemv(x, q, d, None, lib=lib) for d in _CODES]))
+            lib.nf4_set_isa(chosen)
+            (fast, y_fast), (slow, y_slow) = results
+            # compared as bytes in numpy: a large torch.equal would start torch's OpenMP pool at
+            # load time, and a process that forks after that cannot use OpenMP in the child
+            if not all(_bytes(a) == _bytes(b) for a, b in zip(fast, slow)):
+                return False
+            if not all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(y_fast, y_slow)):
+                return False
     return True
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.view(torch.uint8).numpy().tobytes()
 
 
 def available() -> bool:
@@ -221,11 +243,18 @@ def _scales_struct(q):
     absmax = q.absmax
     if isinstance(absmax, DoubleQuantized):
         keep = [absmax.codes.contiguous(), absmax.scales.float().contiguous(), absmax.code.float().contiguous()]
-        s = _Scales(None, _ptr(keep[0]), _ptr(keep[1]), _ptr(keep[2]), float(absmax.offset), absmax.blocksize.bit_length() - 1)
+        s = _Scales(None, _ptr(keep[0]), _ptr(keep[1]), _ptr(keep[2]), float(absmax.offset), absmax.blocksize.bit_length() - 1,
+                    keep[0].numel(), keep[1].numel(), keep[2].numel())
     else:
         keep = [absmax.float().contiguous()]
-        s = _Scales(_ptr(keep[0]), None, None, None, 0.0, 0)
+        s = _Scales(_ptr(keep[0]), None, None, None, 0.0, 0, keep[0].numel(), 0, 0)
     return s, keep
+
+
+def _refused(rc: int, what: str) -> None:
+    if rc == _EARGS:
+        # validate() runs before every call, so this is a bug, not bad input: say so plainly
+        raise ValueError(f"nf4lib: the native {what} kernel refused buffers that do not cover its work")
 
 
 def _code16(q) -> torch.Tensor:
@@ -251,8 +280,12 @@ def decode_into(out: torch.Tensor, q, start: int = 0, stop: int | None = None, *
     mode = _CODES[out.dtype] | (256 if (stop - start) * out.element_size() >= _STREAM_BYTES else 0)
     scales, keep = _scales_struct(q)
     packed, code = q.packed.contiguous(), _code16(q)
-    lib.nf4_decode(_ptr(packed), ctypes.byref(scales), _ptr(code), q.blocksize, start, stop, _ptr(out), mode, _threads())
+    if not out.is_contiguous():
+        raise ValueError("nf4lib: the native decode writes a contiguous output only")
+    rc = lib.nf4_decode(_ptr(packed), packed.numel(), ctypes.byref(scales), _ptr(code), q.blocksize, start, stop, _ptr(out),
+                        out.numel(), mode, _threads())
     del keep
+    _refused(rc, "decode")
 
 
 def gemv(x: torch.Tensor, q, dtype: torch.dtype, bias: torch.Tensor | None, *, lib=None) -> torch.Tensor:
@@ -266,10 +299,11 @@ def gemv(x: torch.Tensor, q, dtype: torch.dtype, bias: torch.Tensor | None, *, l
     scales, keep = _scales_struct(q)
     packed, code = q.packed.contiguous(), _code16(q)
     rc = lib.nf4_gemv(
-        _ptr(xf), xf.shape[0], out_f, in_f, _ptr(packed), ctypes.byref(scales), _ptr(code), q.blocksize,
-        _CODES[dtype], None if b is None else _ptr(b), _ptr(y), _threads(),
+        _ptr(xf), xf.numel(), xf.shape[0], out_f, in_f, _ptr(packed), packed.numel(), ctypes.byref(scales), _ptr(code),
+        q.blocksize, _CODES[dtype], None if b is None else _ptr(b), 0 if b is None else b.numel(), _ptr(y), y.numel(), _threads(),
     )
     del keep
+    _refused(rc, "GEMV")
     if rc != 0:
         raise MemoryError("nf4lib: the native GEMV could not allocate its scratch buffer")
     return y
@@ -288,7 +322,9 @@ def quantize_into(flat: torch.Tensor, blocksize: int, thresholds: torch.Tensor, 
     ``quantize`` lays them out); False if it holds a NaN or Inf."""
     lib = _lib()
     thr, st = _search_tables(thresholds, storage)
-    bad = lib.nf4_quantize(_ptr(flat), _CODES[flat.dtype], flat.numel(), blocksize, _ptr(thr), _ptr(st), _ptr(packed), _ptr(absmax), _threads())
+    bad = lib.nf4_quantize(_ptr(flat), _CODES[flat.dtype], flat.numel(), blocksize, _ptr(thr), _ptr(st), _ptr(packed),
+                           packed.numel(), _ptr(absmax), absmax.numel(), _threads())
+    _refused(bad, "quantize")
     return not bad
 
 
@@ -306,8 +342,9 @@ def quantize_mse_into(flat: torch.Tensor, blocksize: int, thresholds: torch.Tens
     period = weights.numel() if weights is not None else 1
     rc = lib.nf4_quantize_mse(
         _ptr(flat), _CODES[flat.dtype], flat.numel(), blocksize, wp, period, _ptr(thr), _ptr(lev), _ptr(st),
-        _ptr(r), r.numel(), steps, _ptr(packed), _ptr(scales), _threads(),
+        _ptr(r), r.numel(), steps, _ptr(packed), packed.numel(), _ptr(scales), scales.numel(), _threads(),
     )
+    _refused(rc, "MSE quantize")
     if rc < 0:
         raise MemoryError("nf4lib: the native MSE quantize kernel could not allocate its scratch buffers")
     return rc == 0

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._quant import dequantize
+from ._quant import dequantize, validate
 from ._records import QuantizedTensor, scales_from_parts
 
 __all__ = ["quantized_linear", "op_args", "register_kernel", "linear_parts"]
@@ -59,12 +59,29 @@ def register_kernel(device_type: Optional[str]):
                    nested_absmax=None, nested_quant_map=None, nested_offset=None, nested_blocksize=None):
             q = record_from_args(packed, absmax, quant_map, out_features, in_features, blocksize,
                                  nested_absmax, nested_quant_map, nested_offset, nested_blocksize, x.dtype)
+            # The door of every device's kernels: whoever calls the op (the public function,
+            # torch.ops directly, an NF4Tensor's matmul, a compiled graph) gets its buffers checked.
+            check_kernel_args(x, q, bias)
             return fn(x, q, bias)
 
         torch.library.register_kernel(OP, device_type, kernel)
         return fn
 
     return wrap
+
+
+def check_kernel_args(x: Tensor, q: QuantizedTensor, bias: Optional[Tensor]) -> None:
+    """What a kernel may assume: a valid record, ``x`` of shape ``(..., in_features)`` and
+    ``bias`` of ``(out_features,)``, all on one device (a few microseconds; see ``validate``)."""
+    where = "nf4lib::quantized_linear"
+    validate(q, where, check_dtype=False)  # the op's record carries x's dtype, which may be float64
+    check_linear_input(x, q.shape[1], q.packed.device, where)
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (q.shape[0],) or not bias.is_floating_point():
+            raise ValueError(f"{where}: bias must be a float tensor of shape ({q.shape[0]},), got "
+                             f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+        if bias.device != x.device:
+            raise ValueError(f"{where}: bias is on {bias.device} but x is on {x.device}")
 
 
 @torch.library.register_fake(OP)
@@ -241,8 +258,9 @@ def quantized_linear(x: Tensor, q: QuantizedTensor, bias: Optional[Tensor] = Non
     """
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
-    if len(q.shape) != 2:
+    if not isinstance(q.shape, tuple) or len(q.shape) != 2:
         raise ValueError(f"q must be a 2-D weight (out_features, in_features), got shape {q.shape}")
+    validate(q, "quantized_linear")
     out_f, in_f = q.shape
     check_linear_input(x, in_f, q.packed.device, "quantized_linear")
     if bias is not None:

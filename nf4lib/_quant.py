@@ -21,10 +21,10 @@ from ._double import double_quantize
 from ._halves import run_halves
 from ._hugepages import empty_large
 from ._mse import check_weights, quantize_mse
-from ._records import QuantizedTensor
+from ._records import DoubleQuantized, QuantizedTensor
 
 __all__ = [
-    "quantize", "dequantize", "bits_per_parameter", "check_blocksize", "validate", "pair_table",
+    "quantize", "dequantize", "bits_per_parameter", "check_blocksize", "validate", "check_finite", "pair_table",
     "dequantize_blocks_into", "native_usable", "register_device_kernels",
 ]
 
@@ -256,21 +256,82 @@ def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: 
     return record(packed, absmax)
 
 
-def validate(q: QuantizedTensor, where: str = "dequantize") -> None:
-    """Check that a record's tensors fit its shape and blocksize (once, at the boundary)."""
+def _check_pow2(value, what: str, lo: int, hi: int, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi or value & (value - 1):
+        raise ValueError(f"{where}: {what} must be an int power of two in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _check_tensor(t, what: str, dtype, numel: int, device, where: str, q=None) -> None:
+    """``t`` is a 1-D tensor of ``dtype`` with ``numel`` entries on ``device`` (the message,
+    naming ``q``'s shape and blocksize, is only formatted on failure: this runs every call)."""
+    if type(t) is not torch.Tensor and not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: {what} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype or t.dim() != 1 or t.numel() != numel or t.device != device:
+        at = where if q is None else f"{where} (shape {q.shape}, blocksize {q.blocksize})"
+        if t.device != device:
+            raise ValueError(f"{at}: {what} is on {t.device} but packed is on {device}")
+        raise ValueError(f"{at}: {what} must be {str(dtype).replace('torch.', '')} of shape ({numel},), got {t.dtype} {tuple(t.shape)}")
+
+
+def validate(q: QuantizedTensor, where: str = "dequantize", *, check_dtype: bool = True) -> None:
+    """Check that a record's fields describe buffers the kernels may read: the shape's
+    dims, the blocksizes, and every tensor's dtype, size and device (once, at the door of
+    the kernels; a few microseconds, no pass over the data). ``check_dtype=False`` skips the
+    source dtype, which the op's kernels do not read (they compute in ``x``'s dtype).
+
+    Raises:
+        TypeError: ``q`` is not a record, or a field has the wrong type.
+        ValueError: a field does not fit the others; the message names it.
+    """
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"{where} expects a QuantizedTensor, got {type(q).__name__}")
-    n = q.numel
-    if q.packed.dtype != torch.uint8 or q.packed.dim() != 1 or q.packed.numel() != (n + 1) // 2:
-        raise ValueError(
-            f"{where}: packed must be uint8 of shape ({(n + 1) // 2},) for shape {q.shape}, "
-            f"got {q.packed.dtype} {tuple(q.packed.shape)}"
-        )
-    q.scales.check(q.n_blocks, f"{where} (shape {q.shape}, blocksize {q.blocksize})")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{where}: QuantizedTensor.dtype must be fp32/fp16/bf16, got {q.dtype}")
-    if q.code.dim() != 1 or not 1 <= q.code.numel() <= 16:
-        raise ValueError(f"{where}: code must be 1-D with 1..16 levels, got shape {tuple(q.code.shape)}")
+    shape = q.shape
+    if not isinstance(shape, tuple) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+        raise ValueError(f"{where}: shape must be a tuple of non-negative ints, got {shape!r}")
+    _check_pow2(q.blocksize, "blocksize", 16, 65536, where)
+    if check_dtype and q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{where}: QuantizedTensor.dtype must be fp32/fp16/bf16, got {q.dtype!r}")
+    if not isinstance(q.packed, torch.Tensor):
+        raise TypeError(f"{where}: packed must be a tensor, got {type(q.packed).__name__}")
+    n, device = q.numel, q.packed.device
+    _check_tensor(q.packed, "packed", torch.uint8, (n + 1) // 2, device, where, q)
+    code = q.code
+    if not isinstance(code, torch.Tensor) or not code.is_floating_point() or code.dim() != 1 or not 1 <= code.numel() <= 16:
+        raise ValueError(f"{where}: code must be a 1-D float tensor of 1..16 levels, got {getattr(code, 'dtype', type(code).__name__)} "
+                         f"{tuple(getattr(code, 'shape', ()))}")
+    if code.device != device:
+        raise ValueError(f"{where}: code is on {code.device} but packed is on {device}")
+    a = q.absmax
+    if isinstance(a, DoubleQuantized):
+        _check_pow2(a.blocksize, "the double-quant (nested) blocksize", 2, 65536, where)
+        _check_tensor(a.codes, "double-quant codes", torch.uint8, q.n_blocks, device, where, q)
+        _check_tensor(a.scales, "double-quant scales", torch.float32, -(-q.n_blocks // a.blocksize), device, where, q)
+        _check_tensor(a.code, "the 8-bit map", torch.float32, 256, device, where, q)
+        if not isinstance(a.offset, torch.Tensor) or a.offset.numel() != 1 or not a.offset.is_floating_point():
+            raise ValueError(f"{where}: the double-quant offset must be one float value, got {a.offset!r}")
+        if a.offset.device != device:
+            raise ValueError(f"{where}: the double-quant offset is on {a.offset.device} but packed is on {device}")
+    else:
+        _check_tensor(a, "absmax", torch.float32, q.n_blocks, device, where, q)
+
+
+def check_finite(q: QuantizedTensor, where: str = "load") -> None:
+    """Refuse a record whose stored scales or levels are NaN or Inf (``quantize`` never
+    makes one; a file may hold one). One pass over the per-block scales: for loading,
+    not for every call."""
+    if q.packed.is_meta:
+        return
+    a = q.absmax
+    parts = {"code": q.code}
+    if isinstance(a, DoubleQuantized):
+        parts.update({"double-quant scales": a.scales, "the 8-bit map": a.code, "double-quant offset": a.offset})
+    else:
+        parts["absmax"] = a
+    for what, t in parts.items():
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t.reshape(-1))).nonzero()[0, 0])
+            raise ValueError(f"{where}: {what} holds NaN or Inf (first at index {bad}); the record is corrupt")
 
 
 def check_output_dtype(dtype) -> None:
@@ -335,12 +396,9 @@ def _dequantize_chunked(packed, absmax, code, n: int, blocksize: int, dtype) -> 
 
 
 def native_usable(q: QuantizedTensor, *others) -> bool:
-    """True when the native CPU kernels can take record ``q`` (and the tensors ``others``,
-    None allowed): powers-of-two blocksizes (the kernels shift by their log2; quantize makes
-    no other) and plain CPU tensors outside transforms (see ``_native.usable``)."""
-    nested = q.absmax.blocksize if q.double_quant else 1
-    if q.blocksize & (q.blocksize - 1) or nested & (nested - 1):
-        return False
+    """True when the native CPU kernels can take the validated record ``q`` (and the
+    tensors ``others``, None allowed): plain CPU tensors outside transforms (see
+    ``_native.usable``)."""
     a = q.absmax
     parts = (a.codes, a.scales, a.offset, a.code) if q.double_quant else (a,)
     return _native.usable(q.packed, q.code, *parts, *others)

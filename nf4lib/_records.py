@@ -9,7 +9,9 @@ block (:class:`PlainAbsmax`), or that vector itself quantized to 8 bits
 which one it holds:
 
     ``dequantize()`` -> float32 ``(n_blocks,)``;  ``n_blocks``;  ``stored_bits``;
-    ``check(n_blocks, where)``;  ``to(device, copy=)``;  ``op_parts()`` (the op's arguments)
+    ``to(device, copy=)``;  ``op_parts()`` (the op's arguments)
+
+Records are checked in one place, ``nf4lib._quant.validate``, at the door of the kernels.
 """
 
 from __future__ import annotations
@@ -44,11 +46,6 @@ class PlainAbsmax:
 
     def dequantize(self) -> torch.Tensor:
         return self.values
-
-    def check(self, n_blocks: int, where: str) -> None:
-        v = self.values
-        if v.dtype != torch.float32 or v.dim() != 1 or v.numel() != n_blocks:
-            raise ValueError(f"{where}: absmax must be float32 ({n_blocks},), got {v.dtype} {tuple(v.shape)}")
 
     def to(self, device, *, copy: bool = False) -> torch.Tensor:
         # A plain absmax lives in records as the bare tensor.
@@ -98,17 +95,6 @@ class DoubleQuantized:
         values = self.code[self.codes.long()]
         scaled = torch.nn.functional.pad(values, (0, pad)).view(-1, self.blocksize) * self.scales[:, None]
         return scaled.reshape(-1)[:n] + self.offset
-
-    def check(self, n_blocks: int, where: str) -> None:
-        if self.codes.dtype != torch.uint8 or self.codes.dim() != 1 or self.codes.numel() != n_blocks:
-            raise ValueError(f"{where}: double-quant codes must be uint8 ({n_blocks},), got {self.codes.dtype} {tuple(self.codes.shape)}")
-        groups = -(-n_blocks // self.blocksize)
-        if self.scales.dtype != torch.float32 or self.scales.numel() != groups:
-            raise ValueError(f"{where}: double-quant scales must be float32 ({groups},), got {self.scales.dtype} {tuple(self.scales.shape)}")
-        if self.code.dtype != torch.float32 or self.code.numel() != 256:
-            raise ValueError(f"{where}: the 8-bit map must be float32 (256,), got {self.code.dtype} {tuple(self.code.shape)}")
-        if self.offset.numel() != 1:
-            raise ValueError(f"{where}: the double-quant offset must be one value, got shape {tuple(self.offset.shape)}")
 
     def to(self, device, *, copy: bool = False) -> "DoubleQuantized":
         """A record on ``device`` (this one is never changed); ``copy=True`` copies the

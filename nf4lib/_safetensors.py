@@ -13,13 +13,14 @@ the checkpoint's size, and an error or interruption never leaves a partial outpu
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
-import shutil
 import tempfile
 from typing import Iterator, NamedTuple
 
 import torch
+from safetensors import safe_open
 
 from ._errors import CheckpointError
 
@@ -68,38 +69,80 @@ def checkpoint_files(path) -> list[str]:
     return [path]
 
 
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate name {next(k for k in keys if keys.count(k) > 1)!r} in the header")
+    return dict(pairs)
+
+
+def _official_check(path: str) -> None:
+    """The ``safetensors`` package's own reader must accept the file: it refuses overlapping,
+    out-of-range or uncovered offsets, trailing bytes, non-integer offsets and dims,
+    non-string metadata and sizes that overflow. Only its header is parsed (a memory map)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.metadata()
+    except Exception as e:  # noqa: BLE001 - SafetensorError, and OSError/ValueError from older versions
+        raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
 def _parse_header(path: str) -> tuple[dict, dict, int]:
     """``({name: (dtype, shape, (begin, end))}, metadata, data_start)``, checking that the
-    file holds every byte the header promises."""
+    file holds every byte the header promises, as strictly as the official reader does
+    (it checks the file first; this parse is then held to the same rules and to unique names)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if n <= 0 or 8 + n > size:
                 raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file size {size})")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        _official_check(path)
+        with open(path, "rb") as f:
+            f.seek(8)
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a valid safetensors file (the header is nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    info, end = {}, 0
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(f"{path}: the header's __metadata__ must map strings to strings")
+    info, spans = {}, []
     for name, entry in header.items():
         try:
-            dtype, shape, (lo, hi) = entry["dtype"], [int(s) for s in entry["shape"]], entry["data_offsets"]
-            lo, hi = int(lo), int(hi)
+            dtype, shape, (lo, hi) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: malformed header entry for {name!r}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if dtype not in _FROM_ST or not 0 <= lo <= hi or hi - lo != numel * _ITEMSIZE[dtype]:
+        if any(not _is_index(v) for v in [*shape, lo, hi]):
+            raise CheckpointError(f"{path}: malformed header entry for {name!r} (dims and offsets must be non-negative integers)")
+        if dtype not in _FROM_ST:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype!r}, which nf4lib does not read")
+        if not lo <= hi or hi - lo != math.prod(shape) * _ITEMSIZE[dtype]:
             raise CheckpointError(f"{path}: malformed header entry for {name!r} ({dtype} {shape} at [{lo}, {hi}))")
         info[name] = (dtype, shape, (lo, hi))
-        end = max(end, hi)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated: the header needs {8 + n + end} bytes, the file has {size}")
+        spans.append((lo, hi, name))
+    # the data section is exactly the tensors' bytes, each byte in one tensor (as the official reader requires)
+    at = 0
+    for lo, hi, name in sorted(spans):
+        if lo != at:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at {lo}, expected {at} (overlapping or gapped offsets)")
+        at = hi
+    if 8 + n + at != size:
+        raise CheckpointError(f"{path}: the header describes {8 + n + at} bytes, the file has {size}")
     return info, metadata, 8 + n
+
+
+def _is_index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def read_header(path: str) -> tuple[dict, dict]:
@@ -168,12 +211,21 @@ def iter_tensors(files: list[str], names=None) -> Iterator[tuple[str, torch.Tens
 class StreamingWriter:
     """Write a safetensors file tensor by tensor; nothing appears at ``path`` until
     :meth:`commit`. Use as a context manager: leaving it by an exception removes the
-    temporary files.
+    temporary file.
+
+    Each tensor's bytes go to one hidden temporary file beside ``path`` as they are added;
+    :meth:`commit` then moves the data up by the header's length inside that same file
+    (from the end down, a chunk at a time), writes the header in front and renames the
+    file over ``path``. The disk needs the output's size plus one chunk, memory one tensor.
+    A temporary file left by a killed writer (its process is gone) is removed by the next
+    writer of the same output; one of a live process is left alone.
 
     Example:
         >>> with StreamingWriter("out.safetensors") as w:
         ...     w.add("x", torch.zeros(3)); w.commit({"format": "pt"})
     """
+
+    _CHUNK = 16 << 20
 
     def __init__(self, path) -> None:
         self.path = os.path.abspath(os.fspath(path))
@@ -181,15 +233,19 @@ class StreamingWriter:
         if not os.path.isdir(folder):
             raise CheckpointError(f"{path}: the output directory {folder} does not exist")
         stem = "." + os.path.basename(self.path) + ".nf4lib-"
+        _remove_stale(folder, stem)
         try:
-            fd, self._data_path = tempfile.mkstemp(prefix=stem, suffix=".data", dir=folder)
+            fd, self._tmp_path = tempfile.mkstemp(prefix=f"{stem}{os.getpid()}-", suffix=".tmp", dir=folder)
         except OSError as e:
-            raise CheckpointError(f"{path}: cannot write in {folder} ({e.strerror})") from None
+            raise CheckpointError(f"{self.path}: cannot write in {folder} ({e.strerror})") from None
         self._data = os.fdopen(fd, "wb")
-        self._final_path = None
         self._entries: dict[str, dict] = {}
         self._offset = 0
         self._committed = False
+
+    def _fail(self, e: OSError) -> CheckpointError:
+        self.abort()
+        return CheckpointError(f"{self.path}: cannot write ({e.strerror or e})")
 
     def add(self, name: str, t: torch.Tensor) -> None:
         if name in self._entries:
@@ -198,34 +254,45 @@ class StreamingWriter:
             raise CheckpointError(f"{name!r}: dtype {t.dtype} has no safetensors name")
         t = t.detach().to("cpu").contiguous()
         raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        self._data.write(raw.numpy().data)
+        try:
+            self._data.write(raw.numpy().data)
+        except OSError as e:
+            raise self._fail(e) from None
         n = raw.numel()
         self._entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self._offset, self._offset + n]}
         self._offset += n
 
     def commit(self, metadata: dict[str, str]) -> None:
-        self._data.close()
         header = {"__metadata__": dict(metadata), **self._entries}
         blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
         blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
-        fd, self._final_path = tempfile.mkstemp(prefix=os.path.basename(self._data_path), suffix=".out", dir=os.path.dirname(self.path))
-        with os.fdopen(fd, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(len(blob).to_bytes(8, "little"))
-            out.write(blob)
-            shutil.copyfileobj(data, out, 1 << 24)
-            out.flush()
-            os.fsync(out.fileno())
-        _chmod_like_new_file(self._final_path)
-        os.replace(self._final_path, self.path)
-        self._final_path = None
-        os.unlink(self._data_path)
+        head = len(blob).to_bytes(8, "little") + blob
+        try:
+            self._data.close()
+            with open(self._tmp_path, "r+b") as f:
+                # move [0, D) to [H, H + D), last chunk first, so no byte is overwritten before it is read
+                pos = self._offset
+                while pos > 0:
+                    c = min(self._CHUNK, pos)
+                    f.seek(pos - c)
+                    chunk = f.read(c)
+                    f.seek(pos - c + len(head))
+                    f.write(chunk)
+                    pos -= c
+                f.seek(0)
+                f.write(head)
+                f.flush()
+                os.fsync(f.fileno())
+            _chmod_like_new_file(self._tmp_path)
+            os.replace(self._tmp_path, self.path)
+        except OSError as e:
+            raise self._fail(e) from None
         self._committed = True
 
     def abort(self) -> None:
         self._data.close()
-        for p in (self._data_path, self._final_path):
-            if p and os.path.exists(p):
-                os.unlink(p)
+        if os.path.exists(self._tmp_path):
+            os.unlink(self._tmp_path)
 
     def __enter__(self) -> "StreamingWriter":
         return self
@@ -233,6 +300,32 @@ class StreamingWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._committed:  # an exception, an interruption, or no commit: leave nothing
             self.abort()
+
+
+def _remove_stale(folder: str, stem: str) -> None:
+    """Remove ``<stem><pid>-*.tmp`` files whose writing process no longer exists."""
+    try:
+        names = [f for f in os.listdir(folder) if f.startswith(stem) and f.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(stem):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass  # another writer removed it, or we may not: harmless either way
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or an absurd number): leave its file alone
+    return True
 
 
 def write_file(tensors: dict, path, metadata: dict[str, str]) -> None:

@@ -37,6 +37,7 @@ torch.export trace it.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from typing import NamedTuple, Optional
 
 import torch
@@ -46,7 +47,7 @@ from torch.utils._pytree import tree_map
 from ._codebooks import code_name as _code_name
 from ._interop import to_bnb
 from ._ops import check_linear_input, linear_parts, op_args
-from ._quant import dequantize, quantize, validate
+from ._quant import check_finite, dequantize, quantize, validate
 from ._records import QuantizedTensor, scales_from_parts
 from ._shard import ShardableMixin, check_shardable, on_blocks, row_slice, zeros_inner
 from . import backends  # noqa: F401  (an NF4 weight computes with the registered kernels, however it was loaded)
@@ -261,12 +262,50 @@ class NF4Tensor(ShardableMixin, torch.Tensor):
 
 
 def _rebuild_nf4(inner, layout, shape, dtype, requires_grad):
-    t = NF4Tensor(inner, Layout(*layout), shape, dtype)
+    """Unpickle an NF4Tensor. A file is untrusted input (``torch.load(weights_only=True)``
+    exists to open strangers' checkpoints): every field is checked as ``validate`` checks a
+    record, and the stored scales must be finite, before anything can reach a kernel.
+
+    Raises:
+        pickle.UnpicklingError: the fields do not describe a valid NF4 weight (the message
+            says which); ``torch.load`` reports it as a failed load.
+    """
+    try:
+        return _checked_rebuild(inner, layout, shape, dtype, requires_grad)
+    except (TypeError, ValueError) as e:
+        raise pickle.UnpicklingError(f"not a valid NF4 weight: {e}") from None
+
+
+def _checked_rebuild(inner, layout, shape, dtype, requires_grad) -> "NF4Tensor":
+    if not isinstance(inner, dict) or not set(inner) <= set(_INNER) or not {"packed", "absmax", "quant_map"} <= set(inner):
+        raise ValueError(f"its tensors must be a dict of {_INNER[:3]} (and the nested parts), got {type(inner).__name__} "
+                         f"{sorted(inner) if isinstance(inner, dict) else ''}")
+    if any(not isinstance(t, torch.Tensor) or type(t) not in (torch.Tensor, torch.nn.Parameter) for t in inner.values()):
+        raise TypeError("every stored part must be a plain tensor")
+    if not isinstance(layout, (tuple, list)) or len(layout) != len(Layout._fields):
+        raise ValueError(f"layout must have {len(Layout._fields)} fields {Layout._fields}, got {layout!r}")
+    lay = Layout(*layout)
+    if not isinstance(lay.code_name, str) or not isinstance(lay.transposed, bool):
+        raise TypeError(f"layout's code_name must be a str and transposed a bool, got {lay.code_name!r}, {lay.transposed!r}")
+    if (lay.nested_blocksize is None) != ("nested_absmax" not in inner):
+        raise ValueError("the nested blocksize and the nested tensors must come together")
+    if isinstance(requires_grad, bool) is False:
+        raise TypeError(f"requires_grad must be a bool, got {requires_grad!r}")
+    check_compute_dtype(dtype, "dtype")
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
+        raise ValueError(f"an NF4 weight is 2-D, got shape {shape!r}")
+    q_shape = tuple(shape)[::-1] if lay.transposed else tuple(shape)
+    scales = scales_from_parts(inner["absmax"], inner.get("nested_absmax"), inner.get("nested_quant_map"),
+                               inner.get("nested_offset"), lay.nested_blocksize)
+    q = QuantizedTensor(inner["packed"], scales, inner["quant_map"], q_shape, lay.qdtype, lay.blocksize)
+    validate(q, "NF4 weight")
+    check_finite(q, "NF4 weight")
+    t = NF4Tensor(inner, lay, tuple(shape), dtype)
     return t.requires_grad_(requires_grad) if requires_grad else t
 
 
-# torch.load(weights_only=True), the default, may rebuild NF4 weights: the rebuild only
-# wraps the tensors the file holds.
+# torch.load(weights_only=True), the default, may rebuild NF4 weights: the rebuild checks
+# the fields it is given and only wraps the tensors the file holds.
 torch.serialization.add_safe_globals([_rebuild_nf4])
 
 

@@ -9,6 +9,8 @@
 * ``slow``: subprocess and end-to-end checks.
 * ``distributed``: several processes (torchrun, gloo): FSDP2 and distributed checkpoints.
 * ``gpu``: the kernels on a real CUDA device; skipped where there is none (CI has none).
+* ``security``: malformed records and crafted files (pickles, safetensors, bitsandbytes
+  entries) and a bounded mutation fuzzer: clear errors, never a crash.
 
 A test asks for an optional package through a fixture of that name (``bnb``,
 ``transformers``, ``peft``, ...): the fixture skips the one test when the package is
@@ -56,7 +58,7 @@ if os.environ.get("NF4LIB_BLOCK_EXTRAS") == "1":
 
 torch.set_num_threads(min(torch.get_num_threads(), 2))
 
-TIERS = ("bnb", "integration", "notebooks", "triton", "slow", "distributed", "gpu")
+TIERS = ("bnb", "integration", "notebooks", "triton", "slow", "distributed", "gpu", "security")
 # fixture name -> (module to import, tier)
 _OPTIONAL = {
     "bnb": ("bitsandbytes", "bnb"),
@@ -85,10 +87,33 @@ def _optional(name):
     return fixture
 
 
-bnb = _optional("bnb")
+@pytest.fixture(name="bnb", scope="session")
+def bnb():
+    """bitsandbytes, held to what it stores and defines. On CPUs with AVX512-BF16 its
+    ``Linear4bit`` forward repacks the weight on first use and computes with bf16-rounded
+    absmax (a hardware shortcut, up to 2.7e-3 off its own ``dequantize_4bit``); the tests
+    compare against its format and its dequantize-then-matmul math instead, so they mean
+    the same on every CPU."""
+    module = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.nn.modules as bnb_modules
+
+    bnb_modules.has_avx512bf16 = lambda: False  # read by each Linear4bit when it is built
+    return module
+
+
 transformers = _optional("transformers")
 peft = _optional("peft")
 sentence_transformers = _optional("sentence_transformers")
+
+
+def pytest_report_header(config):
+    # a red run says where it ran: the kernels (and peers' fast paths) differ by instruction set
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        flags = set()
+    isas = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"CPU instruction sets: {' '.join(isas) or 'unknown'}; torch {torch.__version__}"
 
 
 @pytest.fixture(autouse=True)

@@ -119,7 +119,7 @@ def test_bad_arguments_one_line_exit_2(capsys, argv, needle):
 
 @pytest.mark.parametrize("content, needle", [
     (b"this is not a safetensors file at all", "not a safetensors file"),
-    (b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}", "not a readable safetensors"),
+    (b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}", "not a valid safetensors"),
 ])
 def test_corrupt_files_one_line_exit_2(capsys, tmp_path, content, needle):
     bad = tmp_path / "bad.safetensors"

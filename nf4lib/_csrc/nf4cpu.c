@@ -16,7 +16,7 @@
 #endif
 
 #define NF4_API __attribute__((visibility("default")))
-#define NF4_ABI_VERSION 2
+#define NF4_ABI_VERSION 3
 
 /* ------------------------------------------------------------------ scalar kernels */
 
@@ -274,11 +274,14 @@ static void decode_task(void *p, int64_t t) {
 }
 
 /* Elements [i0, i1) of the weight, written to out[0 .. i1 - i0) as float32/bf16/fp16
- * (dtype | NF4_STREAM: with non-temporal stores where the instruction set has them). */
-NF4_API int nf4_decode(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
-                       int64_t i0, int64_t i1, void *out, int dtype, int nthreads) {
-    if (i1 <= i0) return 0;
+ * (dtype | NF4_STREAM: with non-temporal stores where the instruction set has them).
+ * Returns 0, or NF4_EARGS if the buffers' lengths do not cover the work. */
+NF4_API int nf4_decode(const uint8_t *packed, int64_t packed_len, const nf4_scales *sc, const float *code16, int64_t bs,
+                       int64_t i0, int64_t i1, void *out, int64_t out_len, int dtype, int nthreads) {
     const int plain = dtype & ~NF4_STREAM;
+    if (i0 < 0 || i1 < i0 || out_len < i1 - i0 || plain < NF4_F32 || plain > NF4_F16 || !nf4_weight_ok(packed_len, sc, bs, i1))
+        return NF4_EARGS;
+    if (i1 == i0) return 0;
     decode_job j = {kernels(), packed, sc, code16, bs, i0, i1, TASK_ELEMS, out, dtype, plain == NF4_F32 ? 4 : 2};
     parallel_for(decode_task, &j, (i1 - i0 + TASK_ELEMS - 1) / TASK_ELEMS, nthreads);
     return 0;
@@ -308,12 +311,20 @@ static void gemv_task(void *p, int64_t t) {
 
 /* y (m x n, float32) = x (m x k, float32) @ W.T (+ bias), W (n x k) the 4-bit weight,
  * each weight rounded to `dtype` first (as dequantize(q).to(x.dtype) would), products
- * summed in float32. Returns 0, or -1 if scratch memory ran out. */
-NF4_API int nf4_gemv(const float *x, int64_t m, int64_t n, int64_t k, const uint8_t *packed, const nf4_scales *sc,
-                     const float *code16, int64_t bs, int dtype, const float *bias, float *y, int nthreads) {
+ * summed in float32. Returns 0, -1 if scratch memory ran out, or NF4_EARGS if the
+ * buffers' lengths (in elements) do not cover the work. */
+NF4_API int nf4_gemv(const float *x, int64_t x_len, int64_t m, int64_t n, int64_t k, const uint8_t *packed, int64_t packed_len,
+                     const nf4_scales *sc, const float *code16, int64_t bs, int dtype, const float *bias, int64_t bias_len,
+                     float *y, int64_t y_len, int nthreads) {
     const nf4_kernels *kn = kernels();
     float *xp = NULL;
-    if (m <= 0 || n <= 0) return 0;
+    if (m < 0 || n < 0 || k < 0 || m > INT32_MAX || (n && k > ((int64_t)1 << 62) / n) || (m && k > ((int64_t)1 << 62) / m) ||
+        (m && n > ((int64_t)1 << 62) / m))
+        return NF4_EARGS;
+    if (x_len < m * k || y_len < m * n || (bias && bias_len < n) || dtype < NF4_F32 || dtype > NF4_F16 ||
+        !nf4_weight_ok(packed_len, sc, bs, n * k))
+        return NF4_EARGS;
+    if (m == 0 || n == 0) return 0;
 #if NF4_X86
     if (kn->wants_permuted_x(k, bs)) {
         xp = malloc(sizeof(float) * (size_t)(m * k));
@@ -354,9 +365,13 @@ static void quant_task(void *p, int64_t t) {
 
 /* Quantize n values (float32/bf16/fp16) into packed ((n + 1) / 2 bytes) and absmax
  * (ceil(n / bs) floats). thr15: the 15 sorted decision thresholds (+inf padded);
- * storage16: sorted level index -> stored code. Returns 1 if x holds NaN or Inf. */
+ * storage16: sorted level index -> stored code. Returns 1 if x holds NaN or Inf,
+ * NF4_EARGS if the outputs' lengths do not fit n and bs. */
 NF4_API int nf4_quantize(const void *x, int dtype, int64_t n, int64_t bs, const float *thr15, const uint8_t *storage16,
-                         uint8_t *packed, float *absmax, int nthreads) {
+                         uint8_t *packed, int64_t packed_len, float *absmax, int64_t absmax_len, int nthreads) {
+    if (!nf4_blocksize_ok(bs) || n < 0 || n > ((int64_t)1 << 62) || packed_len < (n + 1) / 2 ||
+        absmax_len < (n + bs - 1) / bs || dtype < NF4_F32 || dtype > NF4_F16)
+        return NF4_EARGS;
     quant_job j = {kernels(), x, dtype, n / bs, 0, bs, thr15, storage16, packed, absmax, 0};
     j.blocks_per_task = TASK_ELEMS / bs > 0 ? TASK_ELEMS / bs : 1;
     if (j.nblocks) parallel_for(quant_task, &j, (j.nblocks + j.blocks_per_task - 1) / j.blocks_per_task, nthreads);

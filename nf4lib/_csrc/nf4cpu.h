@@ -35,7 +35,29 @@ typedef struct {
     const float *map;      /* the 256-entry 8-bit map */
     float offset;
     int64_t group_shift;   /* log2 of the blocks per scale (a power of two) */
+    /* the lengths of the buffers above, in elements: every entry point checks that they
+     * cover what it will read, and refuses the call (NF4_EARGS) if not */
+    int64_t n_absmax;      /* entries of absmax, or of codes when double-quantized */
+    int64_t n_scales;      /* entries of scales (double-quantized) */
+    int64_t n_map;         /* entries of map (256) */
 } nf4_scales;
+
+/* An entry point's answer to buffers that do not cover its work (never read, never written). */
+enum { NF4_EARGS = -2 };
+
+/* Blocksizes every kernel serves: the SIMD code reads 16 codes at a time within one block. */
+static inline int nf4_blocksize_ok(int64_t bs) { return bs >= 16 && bs <= 65536 && (bs & (bs - 1)) == 0; }
+
+/* 1 when `packed` (packed_len bytes) and `sc` cover elements [0, n) at blocksize bs. */
+static inline int nf4_weight_ok(int64_t packed_len, const nf4_scales *sc, int64_t bs, int64_t n) {
+    if (!nf4_blocksize_ok(bs) || n < 0 || n > ((int64_t)1 << 62) || packed_len < (n + 1) / 2) return 0;
+    const int64_t nb = (n + bs - 1) / bs;
+    if (sc->n_absmax < nb) return 0;
+    if (sc->absmax) return 1;
+    if (!sc->codes || !sc->scales || !sc->map || sc->n_map != 256) return 0;
+    if (sc->group_shift < 1 || sc->group_shift > 16) return 0;
+    return ((nb + ((int64_t)1 << sc->group_shift) - 1) >> sc->group_shift) <= sc->n_scales;
+}
 
 static inline float nf4_block_scale(const nf4_scales *s, int64_t b) {
     if (s->absmax) return s->absmax[b];

@@ -236,10 +236,15 @@ int nf4_current_isa(void);
  * w: NULL or float32 importance weights, element i's weight w[i % wperiod].
  * lev16: the sorted levels (16, padded), thr15 their midpoints, storage16 sorted index ->
  * stored code; ratios: nratios candidates (after ratio 1). Returns 1 for NaN/Inf in x,
- * -1 when scratch memory ran out, else 0. */
+ * -1 when scratch memory ran out, NF4_EARGS when the outputs' lengths do not fit
+ * n and bs, else 0. */
 __attribute__((visibility("default"))) int nf4_quantize_mse(const void *x, int dtype, int64_t n, int64_t bs, const float *w, int64_t wperiod,
                      const float *thr15, const float *lev16, const uint8_t *storage16, const float *ratios,
-                     int nratios, int steps, uint8_t *packed, float *scales, int nthreads) {
+                     int nratios, int steps, uint8_t *packed, int64_t packed_len, float *scales, int64_t scales_len,
+                     int nthreads) {
+    if (!nf4_blocksize_ok(bs) || n < 0 || n > ((int64_t)1 << 62) || packed_len < (n + 1) / 2 ||
+        scales_len < (n + bs - 1) / bs || (w && wperiod <= 0) || nratios < 0 || dtype < NF4_F32 || dtype > NF4_F16)
+        return NF4_EARGS;
     mse_job j = {x, dtype, nratios, steps, nf4_current_isa() >= NF4_ISA_AVX2, n, bs, (n + bs - 1) / bs, 0, wperiod,
                  w, thr15, lev16, ratios, storage16, packed, scales, 0, 0};
     j.blocks_per_task = (1 << 14) / bs > 0 ? (1 << 14) / bs : 1;
