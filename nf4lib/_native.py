@@ -216,10 +216,13 @@ def disabled():
             _state["off"] -= 1
 
 
-def usable(*tensors) -> bool:
+def usable(*tensors, in_kernel: bool = False) -> bool:
     """True when these tensors can go through the native kernels: the library is there,
     no torch.func transform or compile is tracing, and they are plain CPU tensors with
-    storage, none needing a gradient."""
+    storage. Outside an op's kernel none may need a gradient (the native kernels record
+    no autograd graph); inside one (``in_kernel=True``, below the autograd key) the op's
+    own formula handles gradients, so a tensor that requires grad is fine, and the layer
+    computes the same way whether or not anything needs a gradient."""
     # tracing first: compile cannot trace _lib()'s first-load lock
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or _lib() is None:
         return False
@@ -229,7 +232,7 @@ def usable(*tensors) -> bool:
         if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
             return False
         # functorch wrappers (vmap, grad levels) are typed torch.Tensor but have no storage
-        if t.device.type != "cpu" or t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if t.device.type != "cpu" or (t.requires_grad and not in_kernel) or torch._C._functorch.is_functorch_wrapped_tensor(t):
             return False
     return True
 

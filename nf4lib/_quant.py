@@ -24,7 +24,7 @@ from ._mse import check_weights, quantize_mse
 from ._records import DoubleQuantized, QuantizedTensor
 
 __all__ = [
-    "quantize", "dequantize", "bits_per_parameter", "check_blocksize", "validate", "check_finite", "pair_table",
+    "quantize", "dequantize", "bits_per_parameter", "check_blocksize", "check_flag", "validate", "check_finite", "pair_table",
     "dequantize_blocks_into", "native_usable", "register_device_kernels",
 ]
 
@@ -140,6 +140,13 @@ def _quantize_tail(tail: torch.Tensor, thresholds, to_storage):
     return _encode(scaled, thresholds, to_storage), am.reshape(1)
 
 
+def check_flag(value, name: str) -> bool:
+    """A yes/no option must be a bool: ``double_quant="no"`` would otherwise read as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 SCALES = ("absmax", "mse")
 
 
@@ -181,6 +188,7 @@ def quantize(x: torch.Tensor, *, blocksize: int = 64, code="nf4", double_quant: 
     """
     _check_input(x)
     check_blocksize(blocksize)
+    check_flag(double_quant, "double_quant")
     scale = check_scale(scale)
     if weights is not None and scale != "mse":
         raise ValueError("weights apply only with scale='mse'")
@@ -395,13 +403,13 @@ def _dequantize_chunked(packed, absmax, code, n: int, blocksize: int, dtype) -> 
     return out
 
 
-def native_usable(q: QuantizedTensor, *others) -> bool:
+def native_usable(q: QuantizedTensor, *others, in_kernel: bool = False) -> bool:
     """True when the native CPU kernels can take the validated record ``q`` (and the
     tensors ``others``, None allowed): plain CPU tensors outside transforms (see
-    ``_native.usable``)."""
+    ``_native.usable``, and its ``in_kernel``)."""
     a = q.absmax
     parts = (a.codes, a.scales, a.offset, a.code) if q.double_quant else (a,)
-    return _native.usable(q.packed, q.code, *parts, *others)
+    return _native.usable(q.packed, q.code, *parts, *others, in_kernel=in_kernel)
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:

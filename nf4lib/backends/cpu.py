@@ -49,7 +49,7 @@ def linear(x, q, bias):
     n, bs = q.numel, q.blocksize
     if n == 0 or x.numel() == 0:
         return default.linear(x, q, bias)
-    native = x.dtype in (torch.float32, torch.bfloat16, torch.float16) and native_usable(q, x, bias)
+    native = x.dtype in (torch.float32, torch.bfloat16, torch.float16) and native_usable(q, x, bias, in_kernel=True)
     if not native and n % bs:  # a partial block straddles rows: use the reference
         return default.linear(x, q, bias)
     x2 = x.reshape(-1, in_f)
