@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=("table", "csv", "json"), default="table")
     q = sub.add_parser("quantize", help="write an NF4 checkpoint with bitsandbytes-compatible keys")
     q.add_argument("input", metavar="IN", help="a .safetensors file or a model directory")
-    q.add_argument("output", metavar="OUT", help="the .safetensors file to write")
+    q.add_argument("output", metavar="OUT", help="the .safetensors file to write, or (a name without that suffix) "
+                   "a model directory: the weights, IN's other files and its config.json with bitsandbytes' "
+                   "quantization_config, so from_pretrained loads it (IN must then be a model directory)")
     q.add_argument("--double-quant", action="store_true", help="quantize the absmax too (QLoRA double quantization)")
     q.add_argument("--code", choices=("nf4", "fp4"), default="nf4")
     q.add_argument("--scale", choices=("absmax", "mse"), default="absmax",
@@ -106,6 +108,20 @@ def _chosen(tensors: dict, user_patterns, path) -> set:
     return set(plan.layers)
 
 
+def _as_quantizable(t):
+    """fp64 weights are quantized from their float32 values (bitsandbytes' dtypes are
+    fp32/fp16/bf16; the record says float32)."""
+    import torch
+
+    return t.float() if t.dtype == torch.float64 else t
+
+
+def _warn_float64(tensors: dict, chosen) -> None:
+    n = sum(1 for name in chosen if tensors[name][1] == "F64")
+    if n:
+        print(f"nf4lib: warning: {n} float64 weight(s) are quantized from their float32 values", file=sys.stderr)
+
+
 def _natural(name: str):
     # "layers.2" before "layers.10"
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
@@ -147,7 +163,9 @@ def report(args) -> int:
     kept_bytes = sum(_nbytes(dt, sh) for n, (_, dt, sh) in tensors.items() if n not in chosen)
     rows, records = [], []
     order = {n: i for i, n in enumerate(layers)}
+    _warn_float64(tensors, chosen)
     for name, t in progress_bar(iter_tensors(files, chosen), total=len(layers), desc="nf4lib report", unit="tensor", show=args.progress):
+        t = _as_quantizable(t)
         try:
             recs = compare_codebooks(t, REPORT_SETTINGS, (args.blocksize,))
         except ValueError as e:  # NaN/Inf weights
@@ -225,19 +243,28 @@ def _csv(res) -> str:
 
 
 def quantize_cmd(args) -> int:
+    files, tensors = _scan(args.input)
+    if not args.output.endswith(".safetensors"):
+        return _quantize_to_directory(args, files, tensors)
+    out = os.path.abspath(args.output)
+    if os.path.isdir(out):
+        raise CheckpointError(f"{args.output}: is a directory; OUT must be a .safetensors file path (or a new model directory)")
+    if any(os.path.exists(out) and os.path.samefile(out, f) for f in files):
+        raise CheckpointError(f"{args.output}: OUT must differ from the input file")
+    _write_quantized(args, files, tensors, out)
+    return 0
+
+
+def _write_quantized(args, files, tensors, out, quiet: bool = False) -> int:
+    """Stream IN's tensors into the safetensors file ``out``, quantizing the chosen ones."""
     from . import __version__
     from ._convert import progress_bar
     from ._interop import to_bnb
     from ._quant import quantize
     from ._safetensors import StreamingWriter, iter_tensors
 
-    files, tensors = _scan(args.input)
-    out = os.path.abspath(args.output)
-    if os.path.isdir(out):
-        raise CheckpointError(f"{args.output}: is a directory; OUT must be a file path")
-    if any(os.path.exists(out) and os.path.samefile(out, f) for f in files):
-        raise CheckpointError(f"{args.output}: OUT must differ from the input file")
     chosen = _chosen(tensors, args.exclude, args.input)
+    _warn_float64(tensors, chosen)
     before = after = 0
     with StreamingWriter(out) as w:
         for name, t in progress_bar(iter_tensors(files), total=len(tensors), desc="nf4lib quantize", unit="tensor", show=args.progress):
@@ -245,7 +272,7 @@ def quantize_cmd(args) -> int:
             parts = {name: t}
             if name in chosen:
                 try:
-                    q = quantize(t, blocksize=args.blocksize, code=args.code, double_quant=args.double_quant, scale=args.scale)
+                    q = quantize(_as_quantizable(t), blocksize=args.blocksize, code=args.code, double_quant=args.double_quant, scale=args.scale)
                 except ValueError as e:  # NaN/Inf weights
                     raise CheckpointError(f"{name}: {e}") from None
                 parts = to_bnb(q, name)
@@ -259,8 +286,66 @@ def quantize_cmd(args) -> int:
                                                    "double_quant": args.double_quant, "scale": args.scale,
                                                    "layers": len(chosen)})}
         w.commit(meta)
-    print(f"wrote {args.output}: {len(tensors)} tensors, {len(chosen)} quantized to {args.code}; "
-          f"{_mib(before)} MiB -> {_mib(after)} MiB")
+    if not quiet:
+        print(f"wrote {args.output}: {len(tensors)} tensors, {len(chosen)} quantized to {args.code}; "
+              f"{_mib(before)} MiB -> {_mib(after)} MiB")
+    return chosen
+
+
+def _quantize_to_directory(args, files, tensors) -> int:
+    """OUT as a Hugging Face model directory: ``model.safetensors``, IN's other files, and
+    IN's ``config.json`` with bitsandbytes' ``quantization_config``. Built in a hidden folder
+    beside OUT and renamed into place, so OUT appears only when complete."""
+    import shutil
+    import tempfile
+
+    src = args.input
+    if not (os.path.isdir(src) and os.path.isfile(os.path.join(src, "config.json"))):
+        raise CheckpointError(f"{args.output}: a model directory OUT needs IN to be a model directory with a config.json "
+                              f"({src} is not); write OUT as a .safetensors file instead")
+    if not 32 <= args.blocksize <= 4096:
+        raise CheckpointError(f"{args.output}: bitsandbytes reads blocksizes 32..4096, not {args.blocksize}; "
+                              f"write OUT as a .safetensors file (nf4lib.load_quantized reads it)")
+    out = os.path.abspath(args.output)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise CheckpointError(f"{args.output}: exists and is not an empty directory")
+    if os.path.realpath(out) == os.path.realpath(src):
+        raise CheckpointError(f"{args.output}: OUT must differ from IN")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{args.output}: the parent directory {parent} does not exist")
+    try:
+        with open(os.path.join(src, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{src}/config.json: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{src}/config.json: not a JSON object")
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".nf4lib-", dir=parent)
+    try:
+        chosen = _write_quantized(args, files, tensors, os.path.join(tmp, "model.safetensors"), quiet=True)
+        for name in sorted(os.listdir(src)):
+            path = os.path.join(src, name)
+            if os.path.isfile(path) and not name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")) \
+                    and name != "config.json":
+                shutil.copy2(path, os.path.join(tmp, name))  # tokenizer, generation config, ...
+        dtypes = {tensors[n][1] for n in chosen}
+        compute = {"BF16": "bfloat16", "F16": "float16"}.get(dtypes.pop(), "float32") if len(dtypes) == 1 else "float32"
+        kept = sorted({n[: -len(".weight")] for n, (_, dt, sh) in tensors.items()
+                       if n.endswith(".weight") and len(sh) == 2 and n not in chosen})
+        config["quantization_config"] = {
+            "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": args.code, "bnb_4bit_use_double_quant": args.double_quant,
+            "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": kept,
+        }
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        os.replace(tmp, out)  # over a missing or empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {args.output}/: {len(tensors)} tensors, {len(chosen)} quantized to {args.code}; "
+          f"loads with transformers + bitsandbytes (from_pretrained) or nf4lib.load_quantized")
     return 0
 
 

@@ -104,14 +104,15 @@ def nf4_levels() -> torch.Tensor:
 
 
 # bitsandbytes' FP4 (E2M1 variant) in its code order: index = sign bit * 8 + 3-bit
-# magnitude code, magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12. Index 8 is -0.
+# magnitude code, magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12. Index 8 (sign bit set,
+# magnitude 0) is stored as +0.0, as bitsandbytes stores it: the map's bits are the format.
 _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 
 
 def fp4_levels() -> torch.Tensor:
     """bitsandbytes' FP4 values in its code order (not sorted), float32, shape (16,)."""
     mags = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32, device="cpu") / 12.0
-    return torch.cat([mags, -mags])
+    return torch.cat([mags, 0.0 - mags])  # 0 - 0 is +0.0 (a negation would give -0.0)
 
 
 def int4_levels() -> torch.Tensor:

@@ -13,8 +13,8 @@ from torch import nn
 
 from ._codebooks import resolve_code
 from ._linear import NF4Linear, check_compute_dtype, code_name_of
-from ._plan import DEFAULT_EXCLUDE, Exclude, plan_modules
-from ._quant import check_blocksize, check_scale
+from ._plan import DEFAULT_EXCLUDE, Exclude, is_linear_like, plan_modules
+from ._quant import check_blocksize, check_flag, check_scale
 
 __all__ = ["convert", "dequantize_model"]
 
@@ -33,7 +33,8 @@ def convert(
     scale: str = "absmax",
     importance: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> nn.Module:
-    """Return a new model in which every ``nn.Linear`` not excluded is an :class:`NF4Linear`.
+    """Return a new model in which every ``nn.Linear`` (and transformers' ``Conv1D``, as in
+    GPT-2, its weight transposed as bitsandbytes stores it) not excluded is an :class:`NF4Linear`.
 
     A tree transform: ``model`` is left as it was (its modules, parameters and values
     unchanged). The new tree has its own module objects and its own ``Parameter``
@@ -48,7 +49,7 @@ def convert(
             empty skeleton for :func:`nf4lib.load_quantized` / ``load_state_dict(assign=True)``.
         exclude: what stays full precision: module names (full dotted name, or a last
             component like ``"lm_head"``), fnmatch globs (``"*.mlp.*"``), predicates
-            ``(linear, name) -> bool`` (called on ``nn.Linear`` modules only), or a
+            ``(linear, name) -> bool`` (called on ``nn.Linear`` and ``Conv1D`` modules only), or a
             sequence of these. Excluding a module excludes
             everything under it. A name or glob that matches no module gives a warning
             (the default, ``("lm_head",)``, does not).
@@ -80,6 +81,7 @@ def convert(
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     check_blocksize(blocksize)
+    check_flag(double_quant, "double_quant")
     resolve_code(code)  # fail before any work on a bad codebook
     check_compute_dtype(compute_dtype)
     scale = check_scale(scale)
@@ -98,6 +100,9 @@ def convert(
             warnings.warn(f"convert: exclude pattern {p!r} matched no module", stacklevel=2)
     for name in tied:
         warnings.warn(f"convert: {name!r} keeps full precision: its weight is tied to a layer that is not converted", stacklevel=2)
+    if not candidates and not any(isinstance(m, NF4Linear) for m in model.modules()):
+        warnings.warn(f"convert: no layer of this {type(model).__name__} was converted: it has no nn.Linear or Conv1D "
+                      f"outside exclude={exclude!r}; the result holds the same full-precision weights", stacklevel=2)
 
     # 2. Quantize layer by layer; a Linear that appears twice (or shares a weight) is done once.
     items = list(candidates.items())
@@ -164,8 +169,20 @@ def _record_quantization_config(model: nn.Module, blocksize: int, code, double_q
             _set_bnb_config(hf, config, code, double_quant, compute_dtype)
 
 
+def record_layers_config(model: nn.Module) -> None:
+    """:func:`_record_quantization_config` from the NF4Linear layers a model holds (for the
+    transforms that build them layer by layer: ``finalize_qat``, ``loftq_convert``), when
+    they share one setting; mixed settings leave the config as it was (no single
+    bitsandbytes config describes them; ``load_quantized`` reads the file)."""
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    settings = {(m.blocksize, m.code_name, m.double_quant) for m in layers}
+    if len(settings) == 1:
+        blocksize, code, double_quant = settings.pop()
+        _record_quantization_config(model, blocksize, code, double_quant, layers[0].compute_dtype)
+
+
 def _set_bnb_config(model, config, code, double_quant, compute_dtype) -> None:
-    skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, NF4Linear))
+    skip = sorted(n for n, m in model.named_modules() if is_linear_like(m))
     config.quantization_config = {
         "quant_method": "bitsandbytes",
         "load_in_4bit": True,
@@ -215,6 +232,21 @@ def dequantize_model(model: nn.Module, *, dtype: Optional[torch.dtype] = None) -
         if isinstance(getattr(config, "quantization_config", None), dict):
             del config.quantization_config
     return out
+
+
+def dequantize_in_place(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Replace every :class:`NF4Linear` inside ``model`` by an ``nn.Linear`` holding its
+    dequantized weight, in place (transformers' ``model.dequantize()`` contract; prefer
+    :func:`dequantize_model`, which returns a new tree). Returns ``model``."""
+    by_weight: dict[int, nn.Parameter] = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, NF4Linear):
+            lin = _dense_linear(m, dtype, by_weight.get(id(m.weight)))
+            by_weight.setdefault(id(m.weight), lin.weight)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    model.__dict__.pop("is_loaded_in_4bit", None)
+    return model
 
 
 def _tree_copy(model: nn.Module, replace: dict) -> nn.Module:

@@ -17,7 +17,7 @@ from torch import nn
 from ._codebooks import resolve_code
 from ._double import dynamic_map
 from ._interop import QUANT_STATE_SUFFIXES, from_bnb, quant_state_key
-from ._quant import bits_per_parameter, check_blocksize, quantize
+from ._quant import bits_per_parameter, check_blocksize, check_flag, quantize
 from ._records import DoubleQuantized, QuantizedTensor
 from ._shard import copy_rows_into, local_bnb_entries, local_nf4, sharded_bnb_entries
 from ._tensor import COMPUTE_DTYPES, NF4Tensor, check_compute_dtype as _check_dtype, nf4_linear, same_layout
@@ -45,6 +45,14 @@ def _empty_record(out_f, in_f, *, blocksize, code, double_quant, dtype, device) 
         absmax = torch.zeros(n_blocks, dtype=torch.float32, device=device)
     packed = torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device)
     return QuantizedTensor(packed, absmax, levels, (out_f, in_f), dtype, blocksize)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and its family): a linear layer whose weight is stored
+    transposed, ``(in_features, out_features)``; bitsandbytes converts it too. Recognised by
+    name, so nf4lib never imports transformers for it."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 def code_name_of(code) -> Optional[str]:
@@ -104,6 +112,7 @@ class NF4Linear(nn.Linear):
         if dtype not in COMPUTE_DTYPES[:3]:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
         check_blocksize(blocksize)
+        check_flag(double_quant, "double_quant")
         check_compute_dtype(compute_dtype)
         self.in_features, self.out_features = in_features, out_features
         q = _empty_record(out_features, in_features, blocksize=blocksize, code=code, double_quant=double_quant, dtype=dtype, device=device)
@@ -133,18 +142,24 @@ class NF4Linear(nn.Linear):
         inputs' mean squares). The bias is copied. On the meta device nothing is quantized: the result is an
         empty skeleton of the right layout, ready for ``load_state_dict(..., assign=True)``.
         """
-        if not isinstance(linear, nn.Linear) or isinstance(linear, NF4Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
+        if isinstance(linear, nn.Linear) and not isinstance(linear, NF4Linear):
+            w, in_f, out_f = linear.weight, linear.in_features, linear.out_features
+        elif is_conv1d(linear):
+            # transformers' Conv1D computes x @ W + b with W (in, out): the linear weight is W.T,
+            # as bitsandbytes stores it
+            w = linear.weight.t()
+            out_f, in_f = w.shape
+        else:
+            raise TypeError(f"from_linear expects an nn.Linear (or transformers' Conv1D), got {type(linear).__name__}")
         # Built on meta (nothing allocated), then given the quantized weight: a skeleton
         # stays on meta, exactly as the constructor makes it.
         layer = cls(
-            linear.in_features, linear.out_features, linear.bias is not None,
+            in_f, out_f, linear.bias is not None,
             blocksize=blocksize, code=code, double_quant=double_quant,
             compute_dtype=compute_dtype, dtype=w.dtype, device="meta",
         )
         if not w.is_meta:
-            q = quantize(w.detach(), blocksize=blocksize, code=code, double_quant=double_quant, scale=scale, weights=importance)
+            q = quantize(w.detach().contiguous(), blocksize=blocksize, code=code, double_quant=double_quant, scale=scale, weights=importance)
             layer._set_record(q, compute_dtype or w.dtype, code_name_of(code))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)

@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from ._convert import record_layers_config
 from ._linear import NF4Linear
 from ._plan import DEFAULT_EXCLUDE, Exclude, plan_modules
 from ._quant import check_blocksize, check_scale, dequantize, quantize
@@ -147,7 +148,9 @@ def loftq_convert(
     if id(model) in replace:
         return replace[id(model)], factors
     memo = dict(replace)
-    return copy.deepcopy(model, memo), factors
+    out = copy.deepcopy(model, memo)
+    record_layers_config(out)  # save_pretrained output loads with transformers + bitsandbytes
+    return out, factors
 
 
 def load_lora_factors(model: nn.Module, factors: dict, adapter: str = "default") -> int:

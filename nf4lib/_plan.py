@@ -2,9 +2,10 @@
 (``convert``, ``analysis``, the transformers loader) and for a bare checkpoint (the command
 line), with one reading of ``exclude``.
 
-In a module tree the linear weights are the ``nn.Linear`` modules. A bare checkpoint does
+In a module tree the linear weights are the ``nn.Linear`` modules and transformers' ``Conv1D``
+(GPT-2's layers, whose weight is stored transposed). A bare checkpoint does
 not say which tensors belong to linear layers: nf4lib takes a tensor for a linear weight
-when it is a 2-D fp32/fp16/bf16 tensor named ``*.weight`` whose name does not look like an
+when it is a 2-D fp64/fp32/fp16/bf16 tensor named ``*.weight`` whose name does not look like an
 embedding (``embed``, ``wte``, ``wpe``). Either way an exclude pattern names a module (a
 full dotted name, a last component like ``"lm_head"``, or an fnmatch glob), and excluding
 a module excludes everything under it.
@@ -17,9 +18,9 @@ from typing import Callable, Iterable, NamedTuple, Union
 
 from torch import nn
 
-from ._linear import NF4Linear
+from ._linear import NF4Linear, is_conv1d
 
-__all__ = ["DEFAULT_EXCLUDE", "Plan", "plan_modules", "plan_checkpoint", "excluded"]
+__all__ = ["DEFAULT_EXCLUDE", "Plan", "plan_modules", "plan_checkpoint", "excluded", "is_conv1d", "is_linear_like"]
 
 class Plan(NamedTuple):
     """What a planner chose: ``layers`` to quantize, in order; ``unmatched``, the exclude
@@ -63,8 +64,14 @@ def _matches(pattern: str, name: str) -> bool:
     return name == pattern or name.rsplit(".", 1)[-1] == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
+def is_linear_like(module: nn.Module) -> bool:
+    """A layer :func:`nf4lib.convert` turns into an NF4Linear: ``nn.Linear`` or ``Conv1D``."""
+    return (isinstance(module, nn.Linear) and type(module) is not NF4Linear and not isinstance(module, NF4Linear)) or is_conv1d(module)
+
+
 def plan_modules(model: nn.Module, exclude: Exclude = DEFAULT_EXCLUDE) -> Plan:
-    """Which ``nn.Linear`` modules :func:`convert` turns into NF4, without changing anything.
+    """Which linear layers (``nn.Linear``, transformers' ``Conv1D``) :func:`convert` turns
+    into NF4, without changing anything.
 
     Returns:
         A :class:`Plan` whose ``layers`` are ``{id(module): (name, module)}`` in visiting
@@ -80,12 +87,12 @@ def plan_modules(model: nn.Module, exclude: Exclude = DEFAULT_EXCLUDE) -> Plan:
         if not excluded:
             hits = [p for p in patterns if _matches(p, name)] if name else []
             matched.update(hits)
-            # Predicates see Linear layers only (they may read in_features, out_features, ...)
-            is_linear = isinstance(module, nn.Linear)
+            # Predicates see linear layers only (nn.Linear, and Conv1D with its nx / nf)
+            is_linear = isinstance(module, nn.Linear) or is_conv1d(module)
             excluded = bool(hits) or (is_linear and any(bool(pred(module, name)) for pred in predicates))
         if excluded:
             excluded_ids.add(id(module))
-        elif type(module) is not NF4Linear and isinstance(module, nn.Linear):
+        elif is_linear_like(module):
             candidates.setdefault(id(module), (name, module))
         for child_name, child in module._modules.items():
             if child is not None:
@@ -115,7 +122,7 @@ _EMBEDDING_HINTS = ("embed", "wte", "wpe")
 def is_linear_weight(name: str, dtype: str, shape) -> bool:
     """The module docstring's rule for spotting linear weights in a bare checkpoint
     (``dtype`` as safetensors names it: ``"F32"``, ``"BF16"``, ...)."""
-    if not name.endswith(".weight") or len(shape) != 2 or dtype not in ("F32", "F16", "BF16"):
+    if not name.endswith(".weight") or len(shape) != 2 or dtype not in ("F64", "F32", "F16", "BF16"):
         return False
     return not any(h in name.lower() for h in _EMBEDDING_HINTS)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._codebooks import resolve_code
+from ._convert import record_layers_config
 from ._fake import _STE, block_absmax, encode_with_scales, fake_quantize
 from ._linear import NF4Linear, check_compute_dtype
 from ._plan import DEFAULT_EXCLUDE, Exclude, plan_modules
@@ -101,7 +102,9 @@ def prepare_qat(
     replace = {mid: QATLinear(lin, blocksize=blocksize, code=code, mode=scale, ste=ste) for mid, (_, lin) in candidates.items()}
     if id(model) in replace:
         return replace[id(model)]
-    return copy.deepcopy(model, dict(replace))
+    out = copy.deepcopy(model, dict(replace))
+    record_layers_config(out)  # save_pretrained output loads with transformers + bitsandbytes
+    return out
 
 
 def _finalized(layer: QATLinear, compute_dtype) -> NF4Linear:
@@ -129,4 +132,6 @@ def finalize_qat(model: nn.Module, *, compute_dtype: Optional[torch.dtype] = Non
         raise ValueError("finalize_qat: the model has no QATLinear layers (was it made by prepare_qat?)")
     if id(model) in replace:
         return replace[id(model)]
-    return copy.deepcopy(model, dict(replace))
+    out = copy.deepcopy(model, dict(replace))
+    record_layers_config(out)  # save_pretrained output loads with transformers + bitsandbytes
+    return out

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -48,7 +49,7 @@ from ._codebooks import code_name as _code_name
 from ._interop import to_bnb
 from ._ops import check_linear_input, linear_parts, op_args
 from ._quant import check_finite, dequantize, quantize, validate
-from ._records import QuantizedTensor, scales_from_parts
+from ._records import QuantizedTensor, block_scales, scales_from_parts
 from ._shard import ShardableMixin, check_shardable, on_blocks, row_slice, zeros_inner
 from . import backends  # noqa: F401  (an NF4 weight computes with the registered kernels, however it was loaded)
 
@@ -150,6 +151,20 @@ class NF4Tensor(ShardableMixin, torch.Tensor):
         w = dequantize(self.quantized, dtype or self.dtype)
         return w.t() if self.qlayout.transposed else w
 
+    def element_size(self) -> float:
+        """Stored bytes per weight: the packed codes and the per-block scales, 0.5625 at
+        blocksize 64 (4.5 bits), ~0.516 with double quantization; a float, since a 4-bit
+        weight has no whole number of bytes. ``numel() * element_size()`` is then the bytes
+        this weight holds, which is what memory accounting (``get_memory_footprint``,
+        transformers' device-map planning) multiplies; ``dtype`` stays the compute dtype and
+        ``shape`` the weight's."""
+        n = self.numel()
+        if n == 0:
+            return 0.5
+        stored = self.packed.numel() * 8 + block_scales(scales_from_parts(
+            self.absmax, self.nested_absmax, self.nested_quant_map, self.nested_offset, self.qlayout.nested_blocksize)).stored_bits
+        return stored / 8 / n
+
     @property
     def blocksize(self) -> int:
         return self.qlayout.blocksize
@@ -231,7 +246,18 @@ class NF4Tensor(ShardableMixin, torch.Tensor):
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def __reduce_ex__(self, protocol):
-        return (_rebuild_nf4, (self._inner(), tuple(self.qlayout), tuple(self.shape), self.dtype, self.requires_grad))
+        # a Parameter stays a Parameter (torch.save(model), copy by pickling, torch.export)
+        is_param = bool(getattr(self, "_is_param", False))
+        return (_rebuild_nf4, (self._inner(), tuple(self.qlayout), tuple(self.shape), self.dtype, self.requires_grad, is_param))
+
+    def requires_grad_(self, requires_grad: bool = True) -> "NF4Tensor":
+        if requires_grad:
+            warnings.warn(
+                "an NF4 weight is frozen: quantized_linear gives it no gradient, so its .grad stays None. "
+                "Train adapters on top (LoRA: peft, or nf4lib.prepare_qat for quantization-aware training)",
+                stacklevel=2,
+            )
+        return super().requires_grad_(requires_grad)
 
     # ------------------------------------------------------------------ dispatch
     @classmethod
@@ -253,6 +279,14 @@ class NF4Tensor(ShardableMixin, torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "c10d":
+            # dist.broadcast / all_reduce / send on the wrapper would move (or reduce) a dense
+            # stand-in, never the 4-bit bytes: refuse rather than do nothing or write garbage
+            raise TypeError(
+                f"{func.__name__}: torch.distributed collectives do not run on an NF4 weight itself; run them on "
+                f"its stored tensors (w.packed, w.absmax and the nested_* parts, byte-wise), or shard the model with "
+                f"FSDP2 (fully_shard), which moves those bytes; see nf4lib.distributed.load_from_rank0 for loading"
+            )
         handler = _HANDLERS.get(func)
         if handler is not None:
             out = handler(func, args, kwargs)
@@ -261,7 +295,7 @@ class NF4Tensor(ShardableMixin, torch.Tensor):
         return _dense_fallback(func, args, kwargs)
 
 
-def _rebuild_nf4(inner, layout, shape, dtype, requires_grad):
+def _rebuild_nf4(inner, layout, shape, dtype, requires_grad, is_param=False):
     """Unpickle an NF4Tensor. A file is untrusted input (``torch.load(weights_only=True)``
     exists to open strangers' checkpoints): every field is checked as ``validate`` checks a
     record, and the stored scales must be finite, before anything can reach a kernel.
@@ -271,9 +305,10 @@ def _rebuild_nf4(inner, layout, shape, dtype, requires_grad):
             says which); ``torch.load`` reports it as a failed load.
     """
     try:
-        return _checked_rebuild(inner, layout, shape, dtype, requires_grad)
+        t = _checked_rebuild(inner, layout, shape, dtype, requires_grad)
     except (TypeError, ValueError) as e:
         raise pickle.UnpicklingError(f"not a valid NF4 weight: {e}") from None
+    return torch.nn.Parameter(t, requires_grad=requires_grad) if is_param is True else t
 
 
 def _checked_rebuild(inner, layout, shape, dtype, requires_grad) -> "NF4Tensor":
@@ -301,7 +336,7 @@ def _checked_rebuild(inner, layout, shape, dtype, requires_grad) -> "NF4Tensor":
     validate(q, "NF4 weight")
     check_finite(q, "NF4 weight")
     t = NF4Tensor(inner, lay, tuple(shape), dtype)
-    return t.requires_grad_(requires_grad) if requires_grad else t
+    return torch.Tensor.requires_grad_(t, True) if requires_grad else t
 
 
 # torch.load(weights_only=True), the default, may rebuild NF4 weights: the rebuild checks
@@ -546,7 +581,7 @@ def _store_dense(dst: NF4Tensor, dense: torch.Tensor) -> None:
     values = dense.t() if lay.transposed else dense
     code = lay.code_name if lay.code_name in ("nf4", "fp4", "int4") else dst.quant_map
     q = quantize(values.detach().to(lay.qdtype).contiguous(), blocksize=lay.blocksize, code=code, double_quant=dst.double_quant)
-    new = op_args(q)
+    new = {"packed": q.packed, "quant_map": q.code, **q.scales.op_parts()}  # any shape: views of the weight too
     for k, t in dst._inner().items():
         t.copy_(new[k])
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ._codebooks import normal_float_levels
+from ._linear import is_conv1d
 from ._plan import DEFAULT_EXCLUDE, plan_modules
 from ._quant import bits_per_parameter, check_blocksize, dequantize, quantize
 
@@ -133,6 +134,10 @@ def error_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict:
             raise TypeError(f"{name} must be a floating point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if x.shape != x_hat.shape:
         raise ValueError(f"x has shape {tuple(x.shape)} but x_hat has shape {tuple(x_hat.shape)}")
+    for name, t in (("x", x), ("x_hat", x_hat)):
+        if not bool(torch.isfinite(t).all()):
+            # NaN would vanish from max_abs (a max ignores it) and poison the sums: say so instead
+            raise ValueError(f"{name} holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s); error metrics need finite tensors")
     return _metrics(_sums(x, x_hat))
 
 
@@ -187,9 +192,10 @@ def compare_tensors(
 
 
 def linear_weights(model: nn.Module, exclude=DEFAULT_EXCLUDE) -> list[tuple[str, torch.Tensor]]:
-    """``(name, weight)`` of every full-precision ``nn.Linear`` that :func:`nf4lib.convert`
+    """``(name, weight)`` of every full-precision linear layer that :func:`nf4lib.convert`
     would convert (the same plan: ``exclude`` rules, tied heads kept; a weight shared by
-    several layers listed once)."""
+    several layers listed once). The weight is ``(out_features, in_features)``: a
+    ``Conv1D``'s is transposed, as it is quantized."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     candidates = plan_modules(model, exclude).layers
@@ -197,15 +203,26 @@ def linear_weights(model: nn.Module, exclude=DEFAULT_EXCLUDE) -> list[tuple[str,
     for name, m in candidates.values():
         if id(m.weight) not in seen:
             seen.add(id(m.weight))
-            out.append((name, m.weight.detach()))
+            out.append((name, m.weight.detach().t() if is_conv1d(m) else m.weight.detach()))
     return out
 
 
 def compare_model(
     model: nn.Module, settings: Sequence = DEFAULT_SETTINGS, blocksizes: Sequence[int] = (64,), *, exclude=DEFAULT_EXCLUDE
 ) -> list[dict]:
-    """One record per (Linear layer, setting, blocksize). The model is not modified."""
-    return compare_tensors(linear_weights(model, exclude), settings, blocksizes)
+    """One record per (linear layer, setting, blocksize). The model is not modified.
+
+    Raises:
+        ValueError: the model has no full-precision linear layer to compare (it is
+            converted already, or ``exclude`` leaves none): an empty list would read as
+            "no error"."""
+    weights = linear_weights(model, exclude)
+    if not weights:
+        n4 = sum(1 for m in model.modules() if type(m).__name__ == "NF4Linear")
+        why = f"its {n4} linear layers are NF4 already: compare the full-precision model" if n4 else \
+            f"it has no nn.Linear or Conv1D outside exclude={exclude!r}"
+        raise ValueError(f"compare_model: nothing to compare in this {type(model).__name__}: {why}")
+    return compare_tensors(weights, settings, blocksizes)
 
 
 def summarize(records: Iterable[dict], by: Sequence[str] = ("setting", "blocksize")) -> list[dict]:

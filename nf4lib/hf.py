@@ -7,7 +7,7 @@ method with transformers' public registration API (``register_quantization_confi
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4lib.hf.NF4Config(double_quant=True))
 
 transformers builds the model on the meta device, :class:`NF4Quantizer` turns its
-``nn.Linear`` layers (but ``exclude``) into empty :class:`~nf4lib.NF4Linear` layers, and
+``nn.Linear`` and ``Conv1D`` layers (but ``exclude``) into empty :class:`~nf4lib.NF4Linear` layers, and
 each weight is quantized as the loader reads it, so the full-precision model never
 exists. The loaded model's config then records bitsandbytes' ``quantization_config``
 (NF4/FP4), so its ``save_pretrained`` output loads with transformers + bitsandbytes, or
@@ -25,10 +25,10 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ._convert import _record_quantization_config
+from ._convert import _record_quantization_config, dequantize_in_place
 from ._plan import DEFAULT_EXCLUDE, plan_modules
-from ._linear import NF4Linear
-from ._quant import check_blocksize, check_scale, quantize
+from ._linear import NF4Linear, is_conv1d
+from ._quant import check_blocksize, check_flag, check_scale, quantize
 from ._tensor import NF4Tensor, check_compute_dtype
 
 __all__ = ["NF4Config", "NF4Quantizer"]
@@ -55,7 +55,7 @@ class NF4Config(QuantizationConfigMixin):
         self.exclude = list(exclude)
         self.blocksize = check_blocksize(blocksize)
         self.code = code
-        self.double_quant = bool(double_quant)
+        self.double_quant = check_flag(double_quant, "double_quant")
         self.scale = check_scale(scale)
         if isinstance(compute_dtype, str):
             compute_dtype = getattr(torch, compute_dtype)
@@ -74,6 +74,8 @@ class _QuantizeOnLoad(ConversionOps):
         for name, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
             layer = model.get_submodule(name.rpartition(".")[0])
+            if layer in self.quantizer.transposed:  # a Conv1D's (in, out) weight: quantize W.T, as bitsandbytes does
+                value = value.t().contiguous()
             q = quantize(value.detach(), blocksize=cfg.blocksize, code=cfg.code, double_quant=cfg.double_quant, scale=cfg.scale)
             w = NF4Tensor.from_quantized(q, dtype=layer.compute_dtype, code_name=cfg.code)
             layer._is_hf_initialized = True
@@ -103,6 +105,7 @@ class NF4Quantizer(HfQuantizer):
         cfg = self.quantization_config
         compute = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None
         candidates = plan_modules(model, tuple(cfg.exclude)).layers
+        self.transposed = set()  # layers that replace a Conv1D (the checkpoint holds their weight transposed)
         for name, lin in sorted(candidates.values(), key=lambda c: c[0]):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
@@ -110,6 +113,8 @@ class NF4Quantizer(HfQuantizer):
             layer = NF4Linear.from_linear(lin, blocksize=cfg.blocksize, code=cfg.code, double_quant=cfg.double_quant, compute_dtype=compute)
             layer.weight._nf4_name = name
             layer._awaiting_weight = True
+            if is_conv1d(lin):
+                self.transposed.add(layer)
             setattr(parent, child, layer)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -120,6 +125,18 @@ class NF4Quantizer(HfQuantizer):
         if layers:
             _record_quantization_config(model, cfg.blocksize, cfg.code, cfg.double_quant, layers[0].compute_dtype)
         return model
+
+    def param_element_size(self, model, param_name: str, param) -> float:
+        # transformers' device-map planning and allocator warm-up count each parameter as
+        # numel * element size: a 4-bit weight's is its stored bytes per weight (~0.56)
+        if isinstance(param, NF4Tensor):
+            return param.element_size()
+        return super().param_element_size(model, param_name, param)
+
+    def _dequantize(self, model, dtype=None):
+        # model.dequantize(): every NF4Linear back to nn.Linear, in place, as transformers
+        # does for bitsandbytes (nf4lib.dequantize_model returns a new tree instead)
+        return dequantize_in_place(model, dtype)
 
     def is_serializable(self):
         return True
