@@ -165,8 +165,48 @@ def _record_quantization_config(model: nn.Module, blocksize: int, code, double_q
         # save_pretrained and the Trainer call), so the flag is set only where that import works.
         if _bitsandbytes_importable():
             hf.is_loaded_in_4bit = True
+        # transformers' model.dequantize() asks a quantizer the converted model has not got
+        hf.__dict__["dequantize"] = _DequantizeInPlace(hf)
         if isinstance(code, str) and code.lower() in ("nf4", "fp4") and 32 <= blocksize <= 4096:
             _set_bnb_config(hf, config, code, double_quant, compute_dtype)
+            hf.__dict__.pop("save_pretrained", None)
+        else:
+            # from_pretrained could not load what save_pretrained would write: refuse before writing
+            name = code if isinstance(code, str) else "a user codebook"
+            hf.__dict__["save_pretrained"] = _NotForBitsandbytes(f"code {name!r} at blocksize {blocksize}")
+
+
+class _DequantizeInPlace:
+    """``model.dequantize(dtype=None)`` on a converted transformers model, as on one loaded
+    with a quantizer: its NF4 layers back to ``nn.Linear`` in place, the quantization
+    config removed; returns the model (:func:`dequantize_model` returns a new tree)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        model = dequantize_in_place(self.model, dtype)
+        config = getattr(model, "config", None)
+        if isinstance(getattr(config, "quantization_config", None), dict):
+            del config.quantization_config
+        model.__dict__.pop("dequantize", None)
+        return model
+
+
+class _NotForBitsandbytes:
+    """Stands in for ``save_pretrained`` on a model whose 4-bit settings bitsandbytes cannot
+    read: a checkpoint ``from_pretrained`` could not load is refused before anything is
+    written. (An object, not a function, so the model still pickles and deep-copies.)"""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError(
+            f"save_pretrained: this model's 4-bit weights ({self.what}) are not in a format bitsandbytes reads "
+            f"(NF4/FP4 at blocksizes 32..4096), so from_pretrained could not load the directory. Save with "
+            f"nf4lib.save_quantized(model, path) and load with nf4lib.load_quantized, or convert with code='nf4'/'fp4'"
+        )
 
 
 def record_layers_config(model: nn.Module) -> None:
@@ -228,7 +268,8 @@ def dequantize_model(model: nn.Module, *, dtype: Optional[torch.dtype] = None) -
             dense[id(m)] = lin
     out = _tree_copy(model, dense)
     for hf, config in _transformers_models(out):  # a full-precision model again: say so
-        hf.__dict__.pop("is_loaded_in_4bit", None)
+        for attr in ("is_loaded_in_4bit", "save_pretrained", "dequantize"):
+            hf.__dict__.pop(attr, None)
         if isinstance(getattr(config, "quantization_config", None), dict):
             del config.quantization_config
     return out
@@ -246,6 +287,7 @@ def dequantize_in_place(model: nn.Module, dtype: Optional[torch.dtype] = None) -
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, lin)
     model.__dict__.pop("is_loaded_in_4bit", None)
+    model.__dict__.pop("save_pretrained", None)
     return model
 
 

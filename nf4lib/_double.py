@@ -35,6 +35,11 @@ def _dynamic_map_cached() -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32, device="cpu")
 
 
+@torch.compiler.assume_constant_result  # a constant to torch.compile (its construction uses .tolist())
+def _dynamic_map_constant() -> torch.Tensor:
+    return _dynamic_map_cached()
+
+
 def dynamic_map() -> torch.Tensor:
     """The 256-entry signed 8-bit dynamic map used for double quantization, float32, sorted."""
     return _dynamic_map_cached().clone()
@@ -56,7 +61,7 @@ _GRID_STEPS = 65535
 
 @functools.lru_cache(maxsize=1)
 def _grid_table_cached() -> torch.Tensor:
-    code = _dynamic_map_cached()
+    code = _dynamic_map_constant()
     midpoints = (code[:-1] + code[1:]) * 0.5
     j = torch.arange(_GRID_STEPS + 1, dtype=torch.float32, device="cpu")
     points = (j + j) / torch.tensor(float(_GRID_STEPS)) - 1.0
@@ -89,7 +94,7 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> DoubleQuantiz
 
     Args:
         absmax: float32 ``(n_blocks,)``, non-negative.
-        blocksize: codes per float32 scale; bitsandbytes uses 256.
+        blocksize: codes per float32 scale, a power of two in [2, 65536]; bitsandbytes uses 256.
 
     Returns:
         A :class:`DoubleQuantized` record; ``double_dequantize`` inverts it.
@@ -101,10 +106,10 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> DoubleQuantiz
     """
     if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.dim() != 1:
         raise TypeError(f"absmax must be a 1-D float32 tensor, got {getattr(absmax, 'dtype', type(absmax))}")
-    if not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two >= 2, got {blocksize!r}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 2 <= blocksize <= 65536 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two in [2, 65536], got {blocksize!r}")
     # Each record owns its map: an in-place write to one layer's map must not reach another.
-    code = _dynamic_map_cached().to(absmax.device, copy=True)
+    code = _dynamic_map_constant().to(absmax.device, copy=True)
     table = _grid_table_cached().to(absmax.device)
     n = absmax.numel()
     if n == 0:

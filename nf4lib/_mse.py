@@ -92,16 +92,17 @@ def sorted_levels(levels: torch.Tensor, to_storage: torch.Tensor) -> torch.Tenso
     return out
 
 
-def zero_code(storage: torch.Tensor, thresholds: torch.Tensor) -> int:
-    """The stored code of 0.0 (what an odd tail is padded with, as bitsandbytes pads)."""
-    return int(storage[_levels_below(torch.zeros(1, device=thresholds.device), thresholds)].item())
+def zero_code(storage: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """The stored code of 0.0 (what an odd tail is padded with, as bitsandbytes pads), as a
+    (1,) tensor: no ``.item()``, so torch.compile and vmap trace through it."""
+    return storage[_levels_below(torch.zeros(1, device=thresholds.device), thresholds)]
 
 
-def pack_levels(levels: torch.Tensor, storage: torch.Tensor, zero: int) -> torch.Tensor:
+def pack_levels(levels: torch.Tensor, storage: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """Sorted level indices (n,) -> stored codes, two per byte (even element high)."""
     q = storage[levels.long()].to(torch.int32)
     if q.numel() % 2:
-        q = torch.cat([q, q.new_full((1,), zero)])
+        q = torch.cat([q, zero.to(torch.int32).reshape(1)])
     q = q.reshape(-1, 2)
     return ((q[:, 0] << 4) | q[:, 1]).to(torch.uint8)
 
@@ -180,7 +181,8 @@ def quantize_mse(flat: torch.Tensor, blocksize: int, levels: torch.Tensor, thres
         ok = _native.quantize_mse_into(flat.contiguous(), blocksize, thresholds, table, storage, weights,
                                        RATIOS, STEPS, packed, scales)
         return packed, scales, ok
-    if not bool(torch.isfinite(flat).all()):
+    tracing = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    if not tracing and not bool(torch.isfinite(flat).all()):  # a data-dependent branch: eager only
         return packed, scales, False
     zero = zero_code(storage, thresholds)
     x = flat.detach().float()
@@ -190,12 +192,19 @@ def quantize_mse(flat: torch.Tensor, blocksize: int, levels: torch.Tensor, thres
     spans = [(lo, min(full, lo + step), blocksize) for lo in range(0, full, step)]
     if full < n:
         spans.append((full, n, n - full))
+    scale_parts, packed_parts = [], []
     for lo, hi, length in spans:
-        v = x[lo:hi].view(-1, length)
-        w = None if weights is None else _weights_for(weights, lo, hi).view(-1, length)
+        v = x[lo:hi].reshape(-1, length)
+        w = None if weights is None else _weights_for(weights, lo, hi).reshape(-1, length)
         s, lv = _search(v, w, thresholds, table)
-        scales[lo // blocksize : lo // blocksize + s.numel()] = s
-        packed[lo // 2 : (hi + 1) // 2] = pack_levels(lv.reshape(-1), storage, zero)
+        if tracing:  # vmap cannot write a batched result into an unbatched buffer: concatenate
+            scale_parts.append(s)
+            packed_parts.append(pack_levels(lv.reshape(-1), storage, zero))
+        else:
+            scales[lo // blocksize : lo // blocksize + s.numel()] = s
+            packed[lo // 2 : (hi + 1) // 2] = pack_levels(lv.reshape(-1), storage, zero)
+    if tracing:
+        return torch.cat(packed_parts), torch.cat(scale_parts), True
     return packed, scales, True
 
 

@@ -161,6 +161,16 @@ def test_transformers_dequantize_returns_a_dense_model(transformers, tmp_path):
         assert torch.equal(dense(IDS).logits, expected(IDS).logits)
 
 
+def test_a_converted_model_dequantizes_through_transformers_too(transformers):
+    model = _llama(transformers)
+    q = nf4lib.convert(model)
+    expected = nf4lib.dequantize_model(q)
+    dense = q.dequantize()
+    assert dense is q and _count_nf4(dense) == 0 and not hasattr(dense.config, "quantization_config")
+    with torch.no_grad():
+        assert torch.equal(dense(IDS).logits, expected(IDS).logits)
+
+
 def test_the_cli_writes_a_model_directory_that_from_pretrained_loads(transformers, bnb, tmp_path):
     from nf4lib._cli import main
 
@@ -269,3 +279,36 @@ def test_one_numerical_path_whatever_needs_a_gradient_or_compiles():
         with torch.no_grad():
             assert torch.equal(compiled(x), ref), rows
         assert torch.equal(compiled(xg), ref), rows
+
+
+def test_the_compile_and_vmap_claims_hold():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    eager = nf4lib.fake_quantize(w, scale="mse")
+    assert torch.equal(torch.compile(lambda t: nf4lib.fake_quantize(t, scale="mse"), fullgraph=True)(w), eager)
+    batch = torch.randn(3, 64, 128)
+    got = torch.func.vmap(lambda t: nf4lib.fake_quantize(t, scale="mse"))(batch)
+    assert all(torch.equal(got[i], nf4lib.fake_quantize(batch[i], scale="mse")) for i in range(3))
+    round_trip = lambda t: nf4lib.dequantize(nf4lib.quantize(t, double_quant=True))  # noqa: E731
+    # inductor sums the absmax mean (the double-quant offset) in its own order: the last bit may differ
+    assert torch.allclose(torch.compile(round_trip, fullgraph=True)(w), round_trip(w), rtol=1e-6, atol=1e-6)
+    got = torch.func.vmap(round_trip)(batch)
+    assert all(torch.equal(got[i], round_trip(batch[i])) for i in range(3))
+    qat = nf4lib.prepare_qat(nn.Sequential(nn.Linear(128, 64)), scale="mse", exclude=())
+    x = torch.randn(2, 128)
+    assert torch.allclose(torch.compile(qat, fullgraph=True)(x), qat(x), rtol=1e-5, atol=1e-6)
+
+
+def test_save_pretrained_refuses_settings_bitsandbytes_cannot_read_before_writing(transformers, tmp_path):
+    model = _llama(transformers)
+    for kwargs in (dict(code="int4"), dict(blocksize=16), dict(code=torch.linspace(-1, 1, 16))):
+        q = nf4lib.convert(model, **kwargs)
+        with pytest.raises(ValueError, match="save_quantized"):
+            q.save_pretrained(tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        pickle.loads(pickle.dumps(q))  # the guard does not stop pickling
+        nf4lib.save_quantized(q, tmp_path / "q.safetensors")  # the way that works
+        nf4lib.dequantize_model(q).save_pretrained(tmp_path / "dense")  # a dense model saves again
+    ok = nf4lib.convert(model)
+    ok.save_pretrained(tmp_path / "nf4")
+    assert (tmp_path / "nf4" / "config.json").exists()
