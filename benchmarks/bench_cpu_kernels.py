@@ -1,6 +1,6 @@
 """Native CPU kernels vs the pure-PyTorch path, bitsandbytes, torchao and dense F.linear.
 
-One run prints everything side by side with ratios (issue 13's targets):
+One run prints everything side by side with ratios, then its targets:
 dequantize and quantize throughput (Gelem/s and the fraction of this machine's
 measured copy bandwidth), ``quantized_linear`` at batch 1, 4, 16, 256 on 4096x4096 and
 on a Llama-7B MLP shape (11008x4096), bf16, NF4, blocksize 64.
@@ -138,7 +138,7 @@ def linear_section(out_f, in_f, batches):
 
 
 def main():
-    header("native CPU kernels (issue 13)")
+    header("native CPU kernels")
     print(f"native library: {_native.available()}, instruction set {_native.isa()} (supported: {', '.join(_native.supported_isas())})")
     gbs = copy_bandwidth_gbs()
     print(f"copy bandwidth (torch copy_, 256 MiB fp32, read + write): {gbs:.1f} GB/s")
@@ -150,7 +150,7 @@ def main():
     def check(ok, text):
         print(f"  [{'met' if ok else 'NOT met'}] {text}")
 
-    print("\ntargets (issue 13):")
+    print("\ntargets:")
     native = 16.8e6 / deq["nf4lib native"][1] / 1e6
     if "bitsandbytes" in deq:
         r = deq["bitsandbytes"][1] / deq["nf4lib native"][1]

@@ -1,4 +1,4 @@
-"""GPU benchmark (issue 14): NF4 matmuls, dequantize and a QLoRA decoder layer on CUDA.
+"""GPU benchmark: NF4 matmuls, dequantize and a QLoRA decoder layer on CUDA.
 
     python benchmarks/bench_gpu.py            # everything, ~3-5 minutes on an H100
     python benchmarks/bench_gpu.py --quick    # the 4096x4096 shapes only
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         r = results.get(shape, {}).get(m)
         return r["dense"] / r["nf4lib"] if r else float("nan")
 
-    print("\ntargets (issue 14):")
+    print("\ntargets:")
     checks = []
     for shape in ((4096, 4096), (8192, 28672)):
         if shape in results:

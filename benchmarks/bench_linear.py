@@ -2,7 +2,7 @@
 
 4096x4096 bf16 weight, NF4, blocksize 64, batch 1, 16 and 256. Run:
 ``python benchmarks/bench_linear.py``. On a CUDA machine it also times the GPU path.
-Targets (issue 3): >= bitsandbytes at every batch, >= 3x torchao at batch 1, within 3x of
+Targets: >= bitsandbytes at every batch, >= 3x torchao at batch 1, within 3x of
 dense bf16 at batch 1 (CPU); on an H100-class GPU, batch-1 >= 2.5x dense bf16.
 """
 

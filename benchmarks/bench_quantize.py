@@ -1,7 +1,7 @@
 """Quantize / dequantize throughput and peak memory: nf4lib vs bitsandbytes vs torchao.
 
 4096x4096 bf16 weight, blocksize 64, NF4. Run: ``python benchmarks/bench_quantize.py``.
-Targets (issue 2): quantize >= 4x bitsandbytes, dequantize >= 1x bitsandbytes,
+Targets: quantize >= 4x bitsandbytes, dequantize >= 1x bitsandbytes,
 quantize's extra peak memory <= the input's size.
 
 Dequantize timings are taken round-robin (each library once per round), so background

@@ -279,7 +279,7 @@ def test_sigterm_mid_way_leaves_no_output(tmp_path):
     assert _listing(tmp_path) == ["in.safetensors"]
 
 
-# ----------------------------------------------------------------------------- issue 12's CLI fixes
+# ----------------------------------------------------------------------------- the CLI's error paths
 
 
 def _small_checkpoint(tmp_path):

@@ -19,7 +19,7 @@ def _sse_per_block(x, q):
 
 
 def test_mse_scale_lowers_gaussian_mse_by_ten_percent():
-    # The target: >= 10% lower MSE than absmax NF4 on N(0, 1) at blocksize 64.
+    # The target: >= 10% lower MSE than absmax NF4 on N(0, 1) at blocksize 64.
     # Measured here: 13.1% (absmax 0.00846 -> 0.00735) on 2^22 values; the standard error
     # of either MSE over 65,536 blocks is ~0.3% of it, so 10% is ~10 standard errors away.
     x = torch.randn(2**22)
