@@ -426,8 +426,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
         ValueError: ``packed`` / ``absmax`` do not fit ``shape`` and ``blocksize``, or
             ``dtype`` is not a floating point dtype.
     """
-    if not _transforms_active():
-        validate(q)
+    validate(q)  # shapes and dtypes only: traced too (torch.compile, vmap), so compiled code checks them as well
     dtype = q.dtype if dtype is None else dtype
     check_output_dtype(dtype)
     n = q.numel

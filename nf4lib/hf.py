@@ -17,6 +17,7 @@ method is not supported (use those two).
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -105,6 +106,9 @@ class NF4Quantizer(HfQuantizer):
         cfg = self.quantization_config
         compute = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None
         candidates = plan_modules(model, tuple(cfg.exclude)).layers
+        if not candidates:
+            warnings.warn(f"nf4lib.hf: no layer of this {type(model).__name__} is quantized: it has no nn.Linear or "
+                          f"Conv1D outside exclude={list(cfg.exclude)!r}; it loads in full precision", stacklevel=2)
         self.transposed = set()  # layers that replace a Conv1D (the checkpoint holds their weight transposed)
         for name, lin in sorted(candidates.values(), key=lambda c: c[0]):
             parent_name, _, child = name.rpartition(".")

@@ -79,6 +79,14 @@ def test_gpt2_converts_like_bitsandbytes_through_every_entry_point(transformers,
     assert torch.equal(bnb_f.dequantize_4bit(w.data, w.quant_state).reshape(-1), layer.dequantize().reshape(-1).float())
 
 
+def test_quantize_on_load_that_quantizes_nothing_warns(transformers, tmp_path):
+    import nf4lib.hf
+
+    _llama(transformers).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no layer"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=nf4lib.hf.NF4Config(exclude=["model", "lm_head"]))
+
+
 def test_a_conversion_that_converts_nothing_warns():
     with pytest.warns(UserWarning, match="no layer"):
         nf4lib.convert(nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4)))
