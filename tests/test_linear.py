@@ -219,7 +219,7 @@ def test_bitsandbytes_linear4bit_both_ways(bnb, quant_type, double_quant, dtype)
     for k in sd:
         assert out[k].dtype == sd[k].dtype and torch.equal(out[k], sd[k]), k
 
-    # nf4lib's own quantization writes bitsandbytes' bytes (double-quant codes: see README limits).
+    # nf4lib's own quantization writes bitsandbytes' bytes (double-quant codes: see docs/limits.md).
     ours = nf4lib.to_bnb(nf4lib.quantize(w, code=quant_type, double_quant=double_quant))
     for k, v in ours.items():
         if not (double_quant and k == "weight.absmax"):

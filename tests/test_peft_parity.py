@@ -3,7 +3,7 @@
 One tiny Llama (fp32) is quantized twice: by transformers + bitsandbytes (``BitsAndBytesConfig``,
 CPU) and by ``nf4lib.convert``. The two hold bit-identical 4-bit weights (nf4lib is bit-exact with
 bitsandbytes), so every PEFT method must give the same outcome on both: the same tensors where
-bitsandbytes works, an error where it does not (nf4lib may do more, never less). The README's
+bitsandbytes works, an error where it does not (nf4lib may do more, never less). The docs'
 PEFT table is this file's ``METHODS``; ``pytest -s -k table`` prints it.
 
 Tolerance: the two CPU kernels sum in different orders, so outputs may differ by float32
@@ -208,7 +208,7 @@ def _train_step(base, peft, tmp_path):
     return {"losses": torch.stack(losses), "logits": _logits(pm)}
 
 
-# name -> (function, what the README says nf4lib does)
+# name -> (function, what docs/peft.md says nf4lib does)
 METHODS = {
     "LoRA": (_adapter_method(), "same logits"),
     "rsLoRA (use_rslora)": (_adapter_method(use_rslora=True), "same logits"),
@@ -297,7 +297,7 @@ _BEYOND = {'PiSSA (init "pissa")': _check_pissa, "IA3 merge_adapter": _check_ia3
 
 
 def test_peft_parity_table(bnb, peft, transformers, checkpoint, tmp_path):
-    """Prints the README's table (``pytest -s -k table``); asserts it has a row per method."""
+    """Prints docs/peft.md's table (``pytest -s -k table``); asserts it has a row per method."""
     rows = []
     for name, (_, says) in METHODS.items():
         cells = []
