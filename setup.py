@@ -35,7 +35,7 @@ setup(
         Extension(
             "nf4lib._nf4cpu",
             sources=["nf4lib/_csrc/nf4cpu.c", "nf4lib/_csrc/nf4cpu_avx2.c", "nf4lib/_csrc/nf4cpu_avx512.c",
-                     "nf4lib/_csrc/nf4cpu_mse.c"],
+                     "nf4lib/_csrc/nf4cpu_mse.c", "nf4lib/_csrc/nf4cpu_avx512bf16.c"],
             depends=["nf4lib/_csrc/nf4cpu.h", "nf4lib/_csrc/nf4cpu_avx2.h"],
             extra_compile_args=_FLAGS,
             extra_link_args=["-pthread"],

@@ -13,7 +13,7 @@ Without the library (no C compiler at install, a failed load) nf4lib warns once 
 runs the pure-PyTorch kernels. Switches:
 
 * ``NF4LIB_NATIVE=0``: never use the library.
-* ``NF4LIB_ISA=scalar|avx2|avx512``: the instruction set to use (capped at what the CPU
+* ``NF4LIB_ISA=scalar|avx2|avx512|avx512bf16``: the instruction set to use (capped at what the CPU
   runs); :func:`use_isa` does the same for a block of code.
 * ``NF4LIB_NATIVE_LIB=PATH``: load this file instead of the packaged one.
 """
@@ -37,9 +37,9 @@ __all__ = [
     "quantize_mse_into",
 ]
 
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_ABI = 3
+_ABI = 4
 # An entry point refused buffers that do not cover its work (nf4cpu.h: NF4_EARGS).
 _EARGS = -2
 _lock = threading.RLock()  # re-entered by the self-check, which quantizes with the library off
@@ -62,7 +62,7 @@ _SIGNATURES = {
     "nf4_set_isa": ([_INT], _INT),
     "nf4_get_isa": ([], _INT),
     "nf4_decode": ([_P, _I64, ctypes.POINTER(_Scales), _P, _I64, _I64, _I64, _P, _I64, _INT, _INT], _INT),
-    "nf4_gemv": ([_P, _I64, _I64, _I64, _I64, _P, _I64, ctypes.POINTER(_Scales), _P, _I64, _INT, _P, _I64, _P, _I64, _INT], _INT),
+    "nf4_gemv": ([_P, _INT, _I64, _I64, _I64, _I64, _P, _I64, ctypes.POINTER(_Scales), _P, _I64, _INT, _P, _I64, _P, _I64, _INT], _INT),
     "nf4_quantize": ([_P, _INT, _I64, _I64, _P, _P, _P, _I64, _P, _I64, _INT], _INT),
     "nf4_quantize_mse": ([_P, _INT, _I64, _I64, _P, _I64, _P, _P, _P, _P, _INT, _INT, _P, _I64, _P, _I64, _INT], _INT),
 }
@@ -156,7 +156,9 @@ def _self_check(lib) -> bool:
                     decode_into(whole, q, lib=lib)
                     decode_into(part, q, 3, n - 5, lib=lib)  # unaligned ends
                     out += [whole, part]
-                results.append((out, [gemv(x, q, d, None, lib=lib) for d in _CODES]))
+                ys = [gemv(x, q, d, None, lib=lib) for d in _CODES]
+                ys.append(gemv(x.bfloat16(), q, torch.bfloat16, None, lib=lib))  # the bf16-activation GEMV
+                results.append((out, ys))
             lib.nf4_set_isa(chosen)
             (fast, y_fast), (slow, y_slow) = results
             # compared as bytes in numpy: a large torch.equal would start torch's OpenMP pool at
@@ -178,7 +180,8 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """The instruction set the native kernels use now: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
+    """The instruction set the native kernels use now: ``"scalar"``, ``"avx2"``, ``"avx512"``
+    or ``"avx512bf16"`` (AVX-512 plus the bf16 dot-product GEMV for bf16 activations)."""
     lib = _lib()
     return "none" if lib is None else ISAS[lib.nf4_get_isa()]
 
@@ -296,13 +299,15 @@ def gemv(x: torch.Tensor, q, dtype: torch.dtype, bias: torch.Tensor | None, *, l
     ``dtype`` as ``dequantize(q).to(dtype)`` has it; returns float32 ``(m, out_features)``."""
     lib = lib or _lib()
     out_f, in_f = q.shape
-    xf = x.float().contiguous()
+    # bf16 x with bf16 weights goes in as it is (the AVX512-BF16 kernel multiplies bf16
+    # pairs); anything else is widened to float32, exactly
+    xf = x.contiguous() if x.dtype == torch.bfloat16 and dtype == torch.bfloat16 else x.float().contiguous()
     y = torch.empty(xf.shape[0], out_f, dtype=torch.float32)
     b = None if bias is None else bias.float().contiguous()
     scales, keep = _scales_struct(q)
     packed, code = q.packed.contiguous(), _code16(q)
     rc = lib.nf4_gemv(
-        _ptr(xf), xf.numel(), xf.shape[0], out_f, in_f, _ptr(packed), packed.numel(), ctypes.byref(scales), _ptr(code),
+        _ptr(xf), _CODES[xf.dtype], xf.numel(), xf.shape[0], out_f, in_f, _ptr(packed), packed.numel(), ctypes.byref(scales), _ptr(code),
         q.blocksize, _CODES[dtype], None if b is None else _ptr(b), 0 if b is None else b.numel(), _ptr(y), y.numel(), _threads(),
     )
     del keep

@@ -16,7 +16,7 @@
 #endif
 
 #define NF4_API __attribute__((visibility("default")))
-#define NF4_ABI_VERSION 3
+#define NF4_ABI_VERSION 4
 
 /* ------------------------------------------------------------------ scalar kernels */
 
@@ -109,7 +109,7 @@ static void quantize_tail(const void *x, int dtype, int64_t i0, int64_t n, const
 
 static int no_permute(int64_t k, int64_t bs) { (void)k; (void)bs; return 0; }
 
-const nf4_kernels nf4_scalar_kernels = {nf4_decode_scalar, nf4_gemv_scalar, no_permute, nf4_quantize_scalar};
+const nf4_kernels nf4_scalar_kernels = {nf4_decode_scalar, nf4_gemv_scalar, no_permute, nf4_quantize_scalar, NULL};
 
 /* ------------------------------------------------------------------ thread pool */
 /* A persistent pool: the caller and up to nthreads - 1 workers take task indices from
@@ -214,10 +214,12 @@ static int detect_isa(void) {
     const uint64_t xcr0 = ((uint64_t)hi << 32) | lo;
     if ((xcr0 & 6) != 6) return NF4_ISA_SCALAR;  /* the OS saves no YMM state */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return NF4_ISA_SCALAR;
-    const int avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1;
+    const int avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
     if (!(avx2 && fma && f16c)) return NF4_ISA_SCALAR;
-    if (avx512f && (xcr0 & 0xE6) == 0xE6) return NF4_ISA_AVX512;
-    return NF4_ISA_AVX2;
+    if (!(avx512f && (xcr0 & 0xE6) == 0xE6)) return NF4_ISA_AVX2;
+    /* leaf 7, sub-leaf 1, EAX bit 5: AVX512_BF16 (vdpbf16ps) */
+    if (avx512bw && avx512vl && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1)) return NF4_ISA_AVX512BF16;
+    return NF4_ISA_AVX512;
 }
 #else
 static int detect_isa(void) { return NF4_ISA_SCALAR; }
@@ -228,6 +230,7 @@ static int best_isa = -1, cur_isa = -1;
 static const nf4_kernels *kernels(void) {
     if (cur_isa < 0) cur_isa = best_isa = detect_isa();
 #if NF4_X86
+    if (cur_isa == NF4_ISA_AVX512BF16) return &nf4_avx512bf16_kernels;
     if (cur_isa == NF4_ISA_AVX512) return &nf4_avx512_kernels;
     if (cur_isa == NF4_ISA_AVX2) return &nf4_avx2_kernels;
 #endif
@@ -289,7 +292,8 @@ NF4_API int nf4_decode(const uint8_t *packed, int64_t packed_len, const nf4_scal
 
 typedef struct {
     const nf4_kernels *kn;
-    const float *x;
+    const float *x;       /* float32 x, or NULL when xh is used */
+    const uint16_t *xh;   /* bf16 x for kn->gemv_bf16 */
     int m;
     int64_t k, n, rows_per_task, bs;
     const uint8_t *packed;
@@ -304,37 +308,59 @@ static void gemv_task(void *p, int64_t t) {
     int64_t r0 = t * j->rows_per_task, r1 = r0 + j->rows_per_task < j->n ? r0 + j->rows_per_task : j->n;
     for (int m0 = 0; m0 < j->m; m0 += 8) {  /* at most 8 rows of x at a time */
         int mm = j->m - m0 < 8 ? j->m - m0 : 8;
-        j->kn->gemv(j->x + (int64_t)m0 * j->k, mm, j->k, j->packed, j->sc, j->code16, j->bs, j->dtype,
-                    r0, r1, j->y + (int64_t)m0 * j->n, j->n);
+        if (j->xh)
+            j->kn->gemv_bf16(j->xh + (int64_t)m0 * j->k, mm, j->k, j->packed, j->sc, j->code16, j->bs,
+                             r0, r1, j->y + (int64_t)m0 * j->n, j->n);
+        else
+            j->kn->gemv(j->x + (int64_t)m0 * j->k, mm, j->k, j->packed, j->sc, j->code16, j->bs, j->dtype,
+                        r0, r1, j->y + (int64_t)m0 * j->n, j->n);
     }
 }
 
-/* y (m x n, float32) = x (m x k, float32) @ W.T (+ bias), W (n x k) the 4-bit weight,
- * each weight rounded to `dtype` first (as dequantize(q).to(x.dtype) would), products
- * summed in float32. Returns 0, -1 if scratch memory ran out, or NF4_EARGS if the
- * buffers' lengths (in elements) do not cover the work. */
-NF4_API int nf4_gemv(const float *x, int64_t x_len, int64_t m, int64_t n, int64_t k, const uint8_t *packed, int64_t packed_len,
-                     const nf4_scales *sc, const float *code16, int64_t bs, int dtype, const float *bias, int64_t bias_len,
-                     float *y, int64_t y_len, int nthreads) {
+/* y (m x n, float32) = x (m x k, float32 or bf16 as x_dtype says) @ W.T (+ bias), W (n x k)
+ * the 4-bit weight, each weight rounded to `dtype` first (as dequantize(q).to(x.dtype)
+ * would), products summed in float32. bf16 x with bf16 weights takes the instruction set's
+ * bf16 dot-product kernel where it has one and the shape fits (k % 32 == 0, bs >= 32);
+ * otherwise x is widened to float32 first (exactly). Returns 0, -1 if scratch memory ran
+ * out, or NF4_EARGS if the buffers' lengths (in elements) do not cover the work. */
+NF4_API int nf4_gemv(const void *x, int x_dtype, int64_t x_len, int64_t m, int64_t n, int64_t k, const uint8_t *packed,
+                     int64_t packed_len, const nf4_scales *sc, const float *code16, int64_t bs, int dtype,
+                     const float *bias, int64_t bias_len, float *y, int64_t y_len, int nthreads) {
     const nf4_kernels *kn = kernels();
     float *xp = NULL;
     if (m < 0 || n < 0 || k < 0 || m > INT32_MAX || (n && k > ((int64_t)1 << 62) / n) || (m && k > ((int64_t)1 << 62) / m) ||
         (m && n > ((int64_t)1 << 62) / m))
         return NF4_EARGS;
     if (x_len < m * k || y_len < m * n || (bias && bias_len < n) || dtype < NF4_F32 || dtype > NF4_F16 ||
-        !nf4_weight_ok(packed_len, sc, bs, n * k))
+        (x_dtype != NF4_F32 && x_dtype != NF4_BF16) || !nf4_weight_ok(packed_len, sc, bs, n * k))
         return NF4_EARGS;
     if (m == 0 || n == 0) return 0;
+    const float *xf = x;
+    const uint16_t *xh = NULL;
+    if (x_dtype == NF4_BF16) {
+        if (kn->gemv_bf16 && dtype == NF4_BF16 && k % 32 == 0 && bs >= 32) {
+            xh = x;
+            xf = NULL;
+        } else {  /* bf16 -> float32 is exact: the float32 kernels give the same values */
+            xp = malloc(sizeof(float) * (size_t)(m * k));
+            if (!xp) return -1;
+            for (int64_t i = 0; i < m * k; i++) xp[i] = nf4_load(x, NF4_BF16, i);
+            xf = xp;
+        }
+    }
 #if NF4_X86
-    if (kn->wants_permuted_x(k, bs)) {
-        xp = malloc(sizeof(float) * (size_t)(m * k));
-        if (!xp) return -1;
-        nf4_avx2_permute_x(x, xp, (int)m, k);
+    if (!xh && kn->wants_permuted_x(k, bs)) {
+        float *perm = malloc(sizeof(float) * (size_t)(m * k));
+        if (!perm) { free(xp); return -1; }
+        nf4_avx2_permute_x(xf, perm, (int)m, k);
+        free(xp);
+        xp = perm;
+        xf = xp;
     }
 #endif
     int64_t rows = (TASK_ELEMS / 4) / (k > 0 ? k : 1);
     rows = rows < 4 ? 4 : rows;
-    gemv_job j = {kn, xp ? xp : x, (int)m, k, n, rows, bs, packed, sc, code16, dtype, y};
+    gemv_job j = {kn, xf, xh, (int)m, k, n, rows, bs, packed, sc, code16, dtype, y};
     parallel_for(gemv_task, &j, (n + rows - 1) / rows, nthreads);
     free(xp);
     if (bias)

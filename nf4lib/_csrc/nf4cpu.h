@@ -25,7 +25,7 @@
 enum { NF4_F32 = 0, NF4_BF16 = 1, NF4_F16 = 2 };
 /* or-ed into a decode's dtype: the output is large, write it past the caches */
 enum { NF4_STREAM = 256 };
-enum { NF4_ISA_SCALAR = 0, NF4_ISA_AVX2 = 1, NF4_ISA_AVX512 = 2 };
+enum { NF4_ISA_SCALAR = 0, NF4_ISA_AVX2 = 1, NF4_ISA_AVX512 = 2, NF4_ISA_AVX512BF16 = 3 };
 
 /* Per-block scales: a float32 absmax per block, or (absmax == NULL) double-quantized. */
 typedef struct {
@@ -135,12 +135,19 @@ typedef struct {
     /* full blocks [b0, b1); sets *bad when a value is NaN or Inf */
     void (*quantize)(const void *x, int dtype, int64_t b0, int64_t b1, int64_t bs, const float *thr15,
                      const uint8_t *storage16, uint8_t *packed, float *absmax, int *bad);
+    /* the GEMV for bf16 x (m x k, bf16 bits) with bf16-rounded weights, or NULL; needs
+     * k % 32 == 0 and bs >= 32 */
+    void (*gemv_bf16)(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                      const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
 } nf4_kernels;
 
 extern const nf4_kernels nf4_scalar_kernels;
 #if NF4_X86
 extern const nf4_kernels nf4_avx2_kernels;
 extern const nf4_kernels nf4_avx512_kernels;
+extern const nf4_kernels nf4_avx512bf16_kernels;
+void nf4_gemv_bf16_avx512bf16(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                              const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
 void nf4_avx2_permute_x(const float *x, float *xp, int m, int64_t k);
 void nf4_quantize_avx2(const void *x, int dtype, int64_t b0, int64_t b1, int64_t bs, const float *thr15,
                        const uint8_t *storage16, uint8_t *packed, float *absmax, int *bad);

@@ -330,6 +330,6 @@ AVX2 void nf4_quantize_avx2(const void *x, int dtype, int64_t b0, int64_t b1, in
     if (_mm256_movemask_ps(finite) != 0xFF) *bad = 1;
 }
 
-const nf4_kernels nf4_avx2_kernels = {decode_avx2, gemv_avx2, wants_permuted_x, nf4_quantize_avx2};
+const nf4_kernels nf4_avx2_kernels = {decode_avx2, gemv_avx2, wants_permuted_x, nf4_quantize_avx2, NULL};
 
 #endif

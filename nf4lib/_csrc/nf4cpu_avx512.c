@@ -96,6 +96,8 @@ static AVX512 void gemv_avx512(const float *x, int m, int64_t k, const uint8_t *
     }
 }
 
-const nf4_kernels nf4_avx512_kernels = {decode_avx512, gemv_avx512, natural_x, nf4_quantize_avx2};
+const nf4_kernels nf4_avx512_kernels = {decode_avx512, gemv_avx512, natural_x, nf4_quantize_avx2, NULL};
+/* the same, plus the bf16-activation GEMV of nf4cpu_avx512bf16.c */
+const nf4_kernels nf4_avx512bf16_kernels = {decode_avx512, gemv_avx512, natural_x, nf4_quantize_avx2, nf4_gemv_bf16_avx512bf16};
 
 #endif
