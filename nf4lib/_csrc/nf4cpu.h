@@ -146,6 +146,10 @@ extern const nf4_kernels nf4_scalar_kernels;
 extern const nf4_kernels nf4_avx2_kernels;
 extern const nf4_kernels nf4_avx512_kernels;
 extern const nf4_kernels nf4_avx512bf16_kernels;
+void nf4_decode_avx512(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
+                       int64_t i0, int64_t i1, void *out, int dtype);
+void nf4_decode_avx512bf16(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
+                           int64_t i0, int64_t i1, void *out, int dtype);
 void nf4_gemv_bf16_avx512bf16(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                               const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
 void nf4_avx2_permute_x(const float *x, float *xp, int m, int64_t k);

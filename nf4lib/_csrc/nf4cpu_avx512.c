@@ -37,7 +37,7 @@ AVX512_INLINE __m512i indices16(const uint8_t *p) {
     return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
 }
 
-static AVX512 void decode_avx512(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
+AVX512 void nf4_decode_avx512(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
                                  int64_t i0, int64_t i1, void *out, int dtype) {
     dtype &= ~NF4_STREAM;  /* plain stores: this path is not tuned (no AVX-512 machine to measure on) */
     const int esize = dtype == NF4_F32 ? 4 : 2, bsh = nf4_log2(bs);
@@ -96,8 +96,8 @@ static AVX512 void gemv_avx512(const float *x, int m, int64_t k, const uint8_t *
     }
 }
 
-const nf4_kernels nf4_avx512_kernels = {decode_avx512, gemv_avx512, natural_x, nf4_quantize_avx2, NULL};
-/* the same, plus the bf16-activation GEMV of nf4cpu_avx512bf16.c */
-const nf4_kernels nf4_avx512bf16_kernels = {decode_avx512, gemv_avx512, natural_x, nf4_quantize_avx2, nf4_gemv_bf16_avx512bf16};
+const nf4_kernels nf4_avx512_kernels = {nf4_decode_avx512, gemv_avx512, natural_x, nf4_quantize_avx2, NULL};
+/* the same, plus nf4cpu_avx512bf16.c's bf16 decode and bf16-activation GEMV */
+const nf4_kernels nf4_avx512bf16_kernels = {nf4_decode_avx512bf16, gemv_avx512, natural_x, nf4_quantize_avx2, nf4_gemv_bf16_avx512bf16};
 
 #endif

@@ -10,7 +10,8 @@
  * 32 activations and adds pairs into 16 float32 lanes. Products of two bf16 values are exact
  * in float32; only the order of the float32 sums differs from the scalar path (and bf16
  * subnormals, below 1.2e-38, count as zero, as the instruction defines). The other kernels
- * (decode, the float32-activation GEMV, quantize) are the AVX-512 ones.
+ * (the float32-activation GEMV, quantize, decode to float32 / fp16) are the AVX-512 ones;
+ * the bf16 decode uses the same lookup and stores the 32 weights as they come.
  * nf4lib/_native.py checks this path against the scalar one when the library loads.
  */
 #include "nf4cpu.h"
@@ -71,6 +72,30 @@ BF16K_INLINE void gemv_m(const int M, const uint16_t *x, int64_t k, const uint8_
         for (int mm = 0; mm < M; mm++)
             y[mm * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[mm][0], acc[mm][1]), _mm512_add_ps(acc[mm][2], acc[mm][3])));
     }
+}
+
+/* Elements [i0, i1) as bf16: 32 weights per table lookup, written in element order
+ * (other output dtypes and blocksize 16: the AVX-512 decode). */
+BF16K void nf4_decode_avx512bf16(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
+                                 int64_t i0, int64_t i1, void *out, int dtype) {
+    if ((dtype & ~NF4_STREAM) != NF4_BF16 || bs < 32) { nf4_decode_avx512(packed, sc, code16, bs, i0, i1, out, dtype); return; }
+    const int bsh = nf4_log2(bs);
+    int64_t i = (i0 + 31) & ~(int64_t)31;
+    if (i > i1) i = i1;
+    nf4_decode_scalar(packed, sc, code16, bs, i0, i, out, NF4_BF16);
+    int64_t block = -1;
+    __m512i t = _mm512_setzero_si512();
+    uint16_t *o = (uint16_t *)out - i0;
+    /* a large output (NF4_STREAM) goes past the caches when its 64-byte runs are aligned */
+    const int stream = (dtype & NF4_STREAM) && ((uintptr_t)(o + i) & 63) == 0;
+    for (; i + 32 <= i1; i += 32) {  /* a 32-aligned run of 32 lies in one block (bs >= 32) */
+        if ((i >> bsh) != block) { block = i >> bsh; t = bf16_table(code16, nf4_block_scale(sc, block)); }
+        __m512i w = weights32(packed + i / 2, t);
+        if (stream) _mm512_stream_si512((__m512i *)(o + i), w);
+        else _mm512_storeu_si512(o + i, w);
+    }
+    if (stream) _mm_sfence();
+    nf4_decode_scalar(packed, sc, code16, bs, i, i1, o + i, NF4_BF16);
 }
 
 /* rows [r0, r1) of y (float32) = W . x for bf16 x (m x k, m <= 8), weights rounded to bf16;
