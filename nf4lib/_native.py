@@ -12,7 +12,7 @@ GEMV within float32 summation-order rounding.
 Without the library (no C compiler at install, a failed load) nf4lib warns once and
 runs the pure-PyTorch kernels. Switches:
 
-* ``NF4LIB_NATIVE=0``: never use the library.
+* ``NF4LIB_NATIVE=0``: never use the library (read once, at the first kernel call).
 * ``NF4LIB_ISA=scalar|avx2|avx512|avx512bf16``: the instruction set to use (capped at what the CPU
   runs); :func:`use_isa` does the same for a block of code.
 * ``NF4LIB_NATIVE_LIB=PATH``: load this file instead of the packaged one.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.machinery
 import os
 import pathlib
@@ -95,7 +96,7 @@ def _load():
 
 def _lib():
     """The loaded library, or None (disabled, or unavailable: warned once)."""
-    if _state["off"] or os.environ.get("NF4LIB_NATIVE", "1") == "0":
+    if _state["off"] or _env_off():
         return None
     if not _state["tried"]:
         with _lock:
@@ -108,6 +109,12 @@ def _lib():
                     warnings.warn(f"nf4lib: native CPU kernels unavailable ({err}); using the pure-PyTorch kernels", stacklevel=3)
                 _state["tried"] = True
     return _state["lib"]
+
+
+@functools.lru_cache(maxsize=1)
+def _env_off() -> bool:
+    # read once per process: this runs on every kernel call
+    return os.environ.get("NF4LIB_NATIVE", "1") == "0"
 
 
 def _select_isa(lib) -> None:
@@ -264,9 +271,14 @@ def _refused(rc: int, what: str) -> None:
 
 
 def _code16(q) -> torch.Tensor:
-    code = torch.zeros(16, dtype=torch.float32)
-    code[: q.code.numel()] = q.code.float()
-    return code
+    """The codebook as the 16 float32 levels the kernels read (a copy only when it is shorter
+    or of another dtype: NF4's and FP4's are used in place, on every call)."""
+    code = q.code
+    if code.numel() == 16 and code.dtype == torch.float32 and code.is_contiguous():
+        return code
+    out = torch.zeros(16, dtype=torch.float32)
+    out[: code.numel()] = code.float()
+    return out
 
 
 def _threads() -> int:

@@ -259,6 +259,8 @@ void nf4_parallel_for(nf4_task fn, void *ctx, int64_t ntasks, int nthreads) { pa
 
 /* Work is cut into tasks of about this many elements (whole 64-element chunks). */
 #define TASK_ELEMS (1 << 16)
+/* Weights below this many elements take the GEMV on one thread (see nf4_gemv). */
+#define GEMV_SERIAL (1 << 18)
 
 typedef struct {
     const nf4_kernels *kn;
@@ -361,7 +363,9 @@ NF4_API int nf4_gemv(const void *x, int x_dtype, int64_t x_len, int64_t m, int64
     int64_t rows = (TASK_ELEMS / 4) / (k > 0 ? k : 1);
     rows = rows < 4 ? 4 : rows;
     gemv_job j = {kn, xf, xh, (int)m, k, n, rows, bs, packed, sc, code16, dtype, y};
-    parallel_for(gemv_task, &j, (n + rows - 1) / rows, nthreads);
+    /* waking a sleeping worker costs tens of microseconds: a weight of under GEMV_SERIAL
+     * elements (a 512x512 layer) runs on the calling thread alone */
+    parallel_for(gemv_task, &j, (n + rows - 1) / rows, n * k < GEMV_SERIAL ? 1 : nthreads);
     free(xp);
     if (bias)
         for (int64_t mm = 0; mm < m; mm++)
