@@ -1,0 +1,93 @@
+"""End-to-end CPU decoding: transformers ``generate`` on a Llama-shaped model in bf16.
+
+hidden 2048, 4 layers, intermediate 5504, vocab 32000, random weights; batch 1, greedy, 32 new
+tokens. Settings, timed round-robin in one run (median tokens/s of the rounds):
+
+* dense bf16;
+* nf4lib (``nf4lib.convert``, NF4, blocksize 64, bf16 compute);
+* bitsandbytes 4-bit (``BitsAndBytesConfig(load_in_4bit=True, nf4, bf16 compute)``, its CPU
+  path as users get it, fast paths included), when importable.
+
+Targets: nf4lib >= bitsandbytes' tokens/s and >= 2x dense bf16. The limit: a 4-bit weight is a
+quarter of a bf16 one's bytes, so at the machine's copy bandwidth a token needs about
+(4-bit bytes + the bf16 embedding/head) / bandwidth.
+
+    python benchmarks/bench_decode_e2e.py [--rounds 5] [--tokens 32]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import header  # noqa: E402
+
+import nf4lib  # noqa: E402
+
+
+def _isas() -> str:
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return "unknown"
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=32)
+    args = ap.parse_args()
+    import transformers
+
+    header("end-to-end decode (transformers generate, batch 1, greedy)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU: {_isas()}; native ISA: {nf4lib._native.isa()}")
+    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=4, num_attention_heads=16,
+                                   num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    models = {"dense bf16": dense, "nf4lib": nf4lib.convert(dense, compute_dtype=torch.bfloat16).eval()}
+    try:
+        import bitsandbytes  # noqa: F401
+
+        with tempfile.TemporaryDirectory() as d:
+            dense.save_pretrained(d)
+            bnb_cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=torch.bfloat16)
+            models["bitsandbytes"] = transformers.AutoModelForCausalLM.from_pretrained(
+                d, quantization_config=bnb_cfg, dtype=torch.bfloat16).eval()
+    except ImportError:
+        print("bitsandbytes not importable: its column is skipped")
+    ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(1))
+
+    def run(m):
+        with torch.no_grad():
+            t = time.perf_counter()
+            out = m.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+            return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
+
+    for m in models.values():
+        run(m)  # warm-up (bitsandbytes repacks its weights on the first forward)
+    rates = {k: [] for k in models}
+    for _ in range(args.rounds):
+        for k, m in models.items():
+            rates[k].append(run(m))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"{'setting':<14}{'tok/s':>8}{'vs dense':>10}")
+    for k, v in med.items():
+        print(f"{k:<14}{v:>8.1f}{v / med['dense bf16']:>9.2f}x")
+    print("\ntargets:")
+    ok = med["nf4lib"] >= 2 * med["dense bf16"]
+    print(f"  [{'met' if ok else 'NOT met'}] nf4lib >= 2x dense bf16: {med['nf4lib'] / med['dense bf16']:.2f}x")
+    if "bitsandbytes" in med:
+        ok = med["nf4lib"] >= med["bitsandbytes"]
+        print(f"  [{'met' if ok else 'NOT met'}] nf4lib >= bitsandbytes: {med['nf4lib'] / med['bitsandbytes']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
