@@ -109,7 +109,10 @@ static void quantize_tail(const void *x, int dtype, int64_t i0, int64_t n, const
 
 static int no_permute(int64_t k, int64_t bs) { (void)k; (void)bs; return 0; }
 
-const nf4_kernels nf4_scalar_kernels = {nf4_decode_scalar, nf4_gemv_scalar, no_permute, nf4_quantize_scalar, NULL};
+const nf4_kernels nf4_scalar_kernels = {
+    .decode = nf4_decode_scalar, .gemv = nf4_gemv_scalar, .wants_permuted_x = no_permute, .permute_x = NULL,
+    .quantize = nf4_quantize_scalar, .gemv_bf16 = NULL,
+};
 
 /* ------------------------------------------------------------------ thread pool */
 /* A persistent pool: the caller and up to nthreads - 1 workers take task indices from
@@ -350,16 +353,14 @@ NF4_API int nf4_gemv(const void *x, int x_dtype, int64_t x_len, int64_t m, int64
             xf = xp;
         }
     }
-#if NF4_X86
-    if (!xh && kn->wants_permuted_x(k, bs)) {
+    if (!xh && kn->permute_x && kn->wants_permuted_x(k, bs)) {  /* the kernel table's own step */
         float *perm = malloc(sizeof(float) * (size_t)(m * k));
         if (!perm) { free(xp); return -1; }
-        nf4_avx2_permute_x(xf, perm, (int)m, k);
+        kn->permute_x(xf, perm, (int)m, k);
         free(xp);
         xp = perm;
         xf = xp;
     }
-#endif
     int64_t rows = (TASK_ELEMS / 4) / (k > 0 ? k : 1);
     rows = rows < 4 ? 4 : rows;
     gemv_job j = {kn, xf, xh, (int)m, k, n, rows, bs, packed, sc, code16, dtype, y};

@@ -130,8 +130,10 @@ typedef struct {
      * order prepare_x gives it; each weight rounded to `dtype` first */
     void (*gemv)(const float *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                  const float *code16, int64_t bs, int dtype, int64_t r0, int64_t r1, float *y, int64_t ldy);
-    /* 1 if gemv takes x permuted (see nf4cpu_avx2.c) for these sizes */
+    /* 1 if gemv takes x permuted (see nf4cpu_avx2.c) for these sizes, and the permutation
+     * (xp: m x k floats); NULL where gemv reads x as it is */
     int (*wants_permuted_x)(int64_t k, int64_t bs);
+    void (*permute_x)(const float *x, float *xp, int m, int64_t k);
     /* full blocks [b0, b1); sets *bad when a value is NaN or Inf */
     void (*quantize)(const void *x, int dtype, int64_t b0, int64_t b1, int64_t bs, const float *thr15,
                      const uint8_t *storage16, uint8_t *packed, float *absmax, int *bad);
@@ -152,7 +154,6 @@ void nf4_decode_avx512bf16(const uint8_t *packed, const nf4_scales *sc, const fl
                            int64_t i0, int64_t i1, void *out, int dtype);
 void nf4_gemv_bf16_avx512bf16(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                               const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
-void nf4_avx2_permute_x(const float *x, float *xp, int m, int64_t k);
 void nf4_quantize_avx2(const void *x, int dtype, int64_t b0, int64_t b1, int64_t bs, const float *thr15,
                        const uint8_t *storage16, uint8_t *packed, float *absmax, int *bad);
 #endif

@@ -12,7 +12,7 @@
  *     F0 = [0-3 | 32-35]  F1 = [4-7 | 36-39]  F2 = [8-11 | 40-43]  F3 = [12-15 | 44-47]
  *     G0..G3 = the same + 16
  * Dequantize puts them back in order with lane permutes; the GEMV instead permutes x
- * once into the same order (nf4_avx2_permute_x) and multiplies as they come.
+ * once into the same order (permute_x, the kernel table's step) and multiplies as they come.
  *
  * The fast path needs 64-element chunks inside one block per 128-bit lane (blocksize
  * >= 32); heads, tails and blocksize 16 go through the scalar kernels.
@@ -199,7 +199,7 @@ static AVX2 void decode_avx2(const uint8_t *packed, const nf4_scales *sc, const 
 static int wants_permuted_x(int64_t k, int64_t bs) { return k % 64 == 0 && bs >= 32; }
 
 /* x reordered per 64-element chunk into the weights' lane order (see the top) */
-void AVX2 nf4_avx2_permute_x(const float *x, float *xp, int m, int64_t k) {
+static void AVX2 permute_x(const float *x, float *xp, int m, int64_t k) {
     for (int mm = 0; mm < m; mm++)
         for (int64_t c = 0; c < k; c += 64)
             for (int p = 0; p < 64; p++) {
@@ -330,6 +330,9 @@ AVX2 void nf4_quantize_avx2(const void *x, int dtype, int64_t b0, int64_t b1, in
     if (_mm256_movemask_ps(finite) != 0xFF) *bad = 1;
 }
 
-const nf4_kernels nf4_avx2_kernels = {decode_avx2, gemv_avx2, wants_permuted_x, nf4_quantize_avx2, NULL};
+const nf4_kernels nf4_avx2_kernels = {
+    .decode = decode_avx2, .gemv = gemv_avx2, .wants_permuted_x = wants_permuted_x, .permute_x = permute_x,
+    .quantize = nf4_quantize_avx2, .gemv_bf16 = NULL,
+};
 
 #endif
