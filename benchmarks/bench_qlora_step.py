@@ -1,0 +1,89 @@
+"""One QLoRA training step on CPU: forward + backward of a Llama-shaped bf16 model with PEFT
+LoRA (r=16 on all 7 projections), timed round-robin in one run:
+
+* dense bf16 base + LoRA;
+* nf4lib base (``nf4lib.convert``, NF4, blocksize 64, bf16 compute) + LoRA;
+* bitsandbytes 4-bit base (``BitsAndBytesConfig``, nf4, bf16 compute) + LoRA, when importable.
+
+hidden 2048, 4 layers, intermediate 5504, vocab 32000, random weights; one sequence of 128
+tokens. Target: nf4lib's step at least as fast as bitsandbytes'.
+
+    python benchmarks/bench_qlora_step.py [--rounds 5] [--tokens 128]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import header  # noqa: E402
+
+import nf4lib  # noqa: E402
+
+_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    args = ap.parse_args()
+    import peft
+    import transformers
+
+    header("QLoRA training step (forward + backward, LoRA r=16 on all 7 projections)")
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU: "
+          f"{' '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags)}; native ISA: {nf4lib._native.isa()}")
+    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=4, num_attention_heads=16,
+                                   num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    bases = {"dense bf16": dense, "nf4lib": nf4lib.convert(dense, compute_dtype=torch.bfloat16)}
+    try:
+        import bitsandbytes  # noqa: F401
+
+        with tempfile.TemporaryDirectory() as d:
+            dense.save_pretrained(d)
+            bnb_cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=torch.bfloat16)
+            bases["bitsandbytes"] = transformers.AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb_cfg,
+                                                                                     dtype=torch.bfloat16)
+    except ImportError:
+        print("bitsandbytes not importable: its column is skipped")
+    models = {}
+    for name, base in bases.items():
+        lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=_PROJ, lora_dropout=0.0)
+        models[name] = peft.get_peft_model(base, lora).train()
+    ids = torch.randint(0, 32000, (1, args.tokens), generator=torch.Generator().manual_seed(1))
+
+    def step(m):
+        t = time.perf_counter()
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+        return (time.perf_counter() - t) * 1000
+
+    for m in models.values():
+        step(m)
+    times = {k: [] for k in models}
+    for _ in range(args.rounds):
+        for k, m in models.items():
+            times[k].append(step(m))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{'base':<14}{'ms/step':>9}{'vs dense':>10}")
+    for k, v in med.items():
+        print(f"{k:<14}{v:>9.0f}{med['dense bf16'] / v:>9.2f}x")
+    if "bitsandbytes" in med:
+        ok = med["nf4lib"] <= med["bitsandbytes"]
+        print(f"\ntargets:\n  [{'met' if ok else 'NOT met'}] nf4lib step >= bitsandbytes' speed: "
+              f"{med['bitsandbytes'] / med['nf4lib']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
