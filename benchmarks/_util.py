@@ -94,3 +94,39 @@ def peak_extra_mib_isolated(lib):
         return float(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         return None
+
+
+def cpu_flags() -> str:
+    """The CPU's instruction sets that decide which kernels run (from /proc/cpuinfo)."""
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return "unknown"
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "none of avx2/avx512"
+
+
+def llama_bases():
+    """``{name: model}``: one Llama-shaped bf16 model (hidden 2048, 4 layers, intermediate 5504,
+    vocab 32000, random weights) as dense bf16, converted by nf4lib (NF4, blocksize 64, bf16
+    compute) and, when bitsandbytes imports, loaded by transformers + bitsandbytes 4-bit."""
+    import tempfile
+
+    import transformers
+
+    import nf4lib
+
+    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=4, num_attention_heads=16,
+                                   num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    out = {"dense bf16": dense, "nf4lib": nf4lib.convert(dense, compute_dtype=torch.bfloat16)}
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        print("bitsandbytes not importable: its column is skipped")
+        return out
+    with tempfile.TemporaryDirectory() as d:
+        dense.save_pretrained(d)
+        bnb_cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        out["bitsandbytes"] = transformers.AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb_cfg, dtype=torch.bfloat16)
+    return out

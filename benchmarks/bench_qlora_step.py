@@ -15,13 +15,12 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import header  # noqa: E402
+from _util import cpu_flags, header, llama_bases  # noqa: E402
 
 import nf4lib  # noqa: E402
 
@@ -34,28 +33,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     args = ap.parse_args()
     import peft
-    import transformers
 
     header("QLoRA training step (forward + backward, LoRA r=16 on all 7 projections)")
-    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU: "
-          f"{' '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags)}; native ISA: {nf4lib._native.isa()}")
-    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5504, num_hidden_layers=4, num_attention_heads=16,
-                                   num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    dense = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    bases = {"dense bf16": dense, "nf4lib": nf4lib.convert(dense, compute_dtype=torch.bfloat16)}
-    try:
-        import bitsandbytes  # noqa: F401
-
-        with tempfile.TemporaryDirectory() as d:
-            dense.save_pretrained(d)
-            bnb_cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                      bnb_4bit_compute_dtype=torch.bfloat16)
-            bases["bitsandbytes"] = transformers.AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb_cfg,
-                                                                                     dtype=torch.bfloat16)
-    except ImportError:
-        print("bitsandbytes not importable: its column is skipped")
+    print(f"CPU: {cpu_flags()}; native ISA: {nf4lib._native.isa()}")
+    bases = llama_bases()
     models = {}
     for name, base in bases.items():
         lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=_PROJ, lora_dropout=0.0)
