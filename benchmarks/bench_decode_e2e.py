@@ -17,14 +17,12 @@ quarter of a bf16 one's bytes, so at the machine's copy bandwidth a token needs 
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import cpu_flags, header, llama_bases  # noqa: E402
+from _util import cpu_flags, header, interleaved_ms, llama_bases  # noqa: E402
 
 import nf4lib  # noqa: E402
 
@@ -39,19 +37,13 @@ def main():
     models = {k: m.eval() for k, m in llama_bases().items()}
     ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(1))
 
-    def run(m):
-        with torch.no_grad():
-            t = time.perf_counter()
-            out = m.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
-            return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
+    def generate(m):
+        with torch.no_grad():  # exactly args.tokens new tokens (min_new_tokens)
+            m.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
 
-    for m in models.values():
-        run(m)  # warm-up (bitsandbytes repacks its weights on the first forward)
-    rates = {k: [] for k in models}
-    for _ in range(args.rounds):
-        for k, m in models.items():
-            rates[k].append(run(m))
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    # warm-up round first (bitsandbytes repacks its weights on the first forward)
+    ms = interleaved_ms({k: (lambda m=m: generate(m)) for k, m in models.items()}, rounds=args.rounds, warmup=1)
+    med = {k: args.tokens / (median / 1e3) for k, (_, median) in ms.items()}
     print(f"{'setting':<14}{'tok/s':>8}{'vs dense':>10}")
     for k, v in med.items():
         print(f"{k:<14}{v:>8.1f}{v / med['dense bf16']:>9.2f}x")

@@ -13,14 +13,12 @@ tokens. Target: nf4lib's step at least as fast as bitsandbytes'.
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import cpu_flags, header, llama_bases  # noqa: E402
+from _util import cpu_flags, header, interleaved_ms, llama_bases  # noqa: E402
 
 import nf4lib  # noqa: E402
 
@@ -44,19 +42,12 @@ def main():
     ids = torch.randint(0, 32000, (1, args.tokens), generator=torch.Generator().manual_seed(1))
 
     def step(m):
-        t = time.perf_counter()
         loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
         m.zero_grad(set_to_none=True)
-        return (time.perf_counter() - t) * 1000
 
-    for m in models.values():
-        step(m)
-    times = {k: [] for k in models}
-    for _ in range(args.rounds):
-        for k, m in models.items():
-            times[k].append(step(m))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    ms = interleaved_ms({k: (lambda m=m: step(m)) for k, m in models.items()}, rounds=args.rounds, warmup=1)
+    med = {k: median for k, (_, median) in ms.items()}
     print(f"{'base':<14}{'ms/step':>9}{'vs dense':>10}")
     for k, v in med.items():
         print(f"{k:<14}{v:>9.0f}{med['dense bf16'] / v:>9.2f}x")
