@@ -255,8 +255,9 @@ def quantize_cmd(args) -> int:
     return 0
 
 
-def _write_quantized(args, files, tensors, out, quiet: bool = False) -> int:
-    """Stream IN's tensors into the safetensors file ``out``, quantizing the chosen ones."""
+def _write_quantized(args, files, tensors, out, quiet: bool = False) -> set:
+    """Stream IN's tensors into the safetensors file ``out``, quantizing the chosen ones;
+    returns the names of those."""
     from . import __version__
     from ._convert import progress_bar
     from ._interop import to_bnb

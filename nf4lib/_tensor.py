@@ -48,8 +48,8 @@ from torch.utils._pytree import tree_map
 from ._codebooks import code_name as _code_name
 from ._interop import to_bnb
 from ._ops import check_linear_input, linear_parts, op_args
-from ._quant import check_finite, dequantize, quantize, validate
-from ._records import QuantizedTensor, block_scales, scales_from_parts
+from ._quant import bits_per_parameter, check_finite, dequantize, quantize, validate
+from ._records import QuantizedTensor, scales_from_parts
 from ._shard import ShardableMixin, check_shardable, on_blocks, row_slice, zeros_inner
 from . import backends  # noqa: F401  (an NF4 weight computes with the registered kernels, however it was loaded)
 
@@ -158,12 +158,7 @@ class NF4Tensor(ShardableMixin, torch.Tensor):
         this weight holds, which is what memory accounting (``get_memory_footprint``,
         transformers' device-map planning) multiplies; ``dtype`` stays the compute dtype and
         ``shape`` the weight's."""
-        n = self.numel()
-        if n == 0:
-            return 0.5
-        stored = self.packed.numel() * 8 + block_scales(scales_from_parts(
-            self.absmax, self.nested_absmax, self.nested_quant_map, self.nested_offset, self.qlayout.nested_blocksize)).stored_bits
-        return stored / 8 / n
+        return bits_per_parameter(self.quantized) / 8
 
     @property
     def blocksize(self) -> int:
