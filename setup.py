@@ -1,7 +1,7 @@
 """Build script: metadata lives in setup.cfg; this adds the optional native CPU kernels.
 
-``nf4lib/_csrc/*.c`` is plain C11 (no Python or PyTorch headers) built into
-``nf4lib/_nf4cpu*.so`` and loaded with ctypes, so one build serves every PyTorch version.
+``nf4lib/backends/cpu/csrc/*.c`` is plain C11 (no Python or PyTorch headers) built into
+``nf4lib/backends/cpu/_nf4cpu*.so`` and loaded with ctypes, so one build serves every PyTorch version.
 It is optional: without a working C compiler the build prints a warning, the package
 installs without it, and nf4lib runs its pure-PyTorch kernels.
 """
@@ -28,15 +28,16 @@ class BuildSharedLibrary(build_ext):
 # -ffp-contract=off: no fused multiply-add may change a rounding (the kernels must equal
 # the pure-PyTorch ones bit for bit). SIMD code is enabled per function (target
 # attributes) and chosen at run time, so the build needs no -march flag.
+_CSRC = "nf4lib/backends/cpu/csrc"
 _FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fvisibility=hidden", "-pthread"]
 
 setup(
     ext_modules=[
         Extension(
-            "nf4lib._nf4cpu",
-            sources=["nf4lib/_csrc/nf4cpu.c", "nf4lib/_csrc/nf4cpu_avx2.c", "nf4lib/_csrc/nf4cpu_avx512.c",
-                     "nf4lib/_csrc/nf4cpu_mse.c", "nf4lib/_csrc/nf4cpu_avx512bf16.c"],
-            depends=["nf4lib/_csrc/nf4cpu.h", "nf4lib/_csrc/nf4cpu_avx2.h"],
+            "nf4lib.backends.cpu._nf4cpu",
+            sources=[f"{_CSRC}/{name}.c" for name in ("nf4cpu", "nf4cpu_scalar", "nf4cpu_avx2", "nf4cpu_avx512",
+                                                       "nf4cpu_avx512bf16", "nf4cpu_mse")],
+            depends=[f"{_CSRC}/nf4cpu.h", f"{_CSRC}/nf4cpu_avx2.h"],
             extra_compile_args=_FLAGS,
             extra_link_args=["-pthread"],
             optional=True,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import nf4lib
-from nf4lib import _native
+from nf4lib.backends.cpu import native as _native
 from _util import header, interleaved_ms, torchao_nf4
 
 BYTES_PER_ELEM = 0.5 + 4 / 64 + 2  # packed codes + float32 absmax per 64 + the bf16 output

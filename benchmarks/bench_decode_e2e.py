@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
     header("end-to-end decode (transformers generate, batch 1, greedy)")
-    print(f"CPU: {cpu_flags()}; native ISA: {nf4lib._native.isa()}")
+    print(f"CPU: {cpu_flags()}; native ISA: {nf4lib.backends.cpu.native.isa()}")
     models = {k: m.eval() for k, m in llama_bases().items()}
     ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(1))
 

@@ -43,7 +43,7 @@ if kind in ("convert", "deepcopy"):
 else:
     src, dst = arg
     if kind == "cli":
-        from nf4lib._cli import main
+        from nf4lib.tools.cli import main
         fn = lambda: main(["quantize", src, dst, "--no-progress"])
     else:
         from safetensors.torch import load_file, save_file

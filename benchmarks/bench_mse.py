@@ -12,7 +12,7 @@ GPU or without a C compiler), on a 512-row slice, and importance weights' cost.
 import torch
 
 import nf4lib
-from nf4lib import _native
+from nf4lib.backends.cpu import native as _native
 from _util import header, interleaved_ms
 
 
@@ -27,7 +27,7 @@ def main():
         t = interleaved_ms({
             "absmax": lambda: nf4lib.quantize(w),
             "mse": lambda: nf4lib.quantize(w, scale="mse"),
-            "mse+weights": lambda: nf4lib.quantize(w, scale="mse", weights=imp),
+            "mse+weights": lambda: nf4lib.quantize(w, scale="mse", importance=imp),
         }, rounds=7, warmup=1)
         err = {}
         for name, kw in (("absmax", {}), ("mse", {"scale": "mse"})):

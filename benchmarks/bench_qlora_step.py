@@ -33,7 +33,7 @@ def main():
     import peft
 
     header("QLoRA training step (forward + backward, LoRA r=16 on all 7 projections)")
-    print(f"CPU: {cpu_flags()}; native ISA: {nf4lib._native.isa()}")
+    print(f"CPU: {cpu_flags()}; native ISA: {nf4lib.backends.cpu.native.isa()}")
     bases = llama_bases()
     models = {}
     for name, base in bases.items():

@@ -234,7 +234,7 @@ def main() -> None:
         if rank == 0:
             from safetensors.torch import save_file
 
-            base_sd = {nf4lib.distributed._peft_base_key(k): v.contiguous() for k, v in full.items() if "lora_" not in k}
+            base_sd = {nf4lib.distributed.peft_base_key(k): v.contiguous() for k, v in full.items() if "lora_" not in k}
             adapters = {k.replace(".default", ""): v.contiguous() for k, v in full.items() if "lora_" in k}
             save_file(base_sd, os.path.join(args.out, "base.safetensors"))
             save_file(adapters, os.path.join(args.out, "adapter.safetensors"))

@@ -12,37 +12,38 @@ import sys
 
 __version__ = "0.1.0"
 
-# public name -> the private module that defines it (None: the name is a submodule)
+# public name -> the module that defines it (None: the name is a public submodule)
 _HOME = {
-    "nf4_levels": "_codebooks",
-    "normal_float_levels": "_codebooks",
-    "fp4_levels": "_codebooks",
-    "int4_levels": "_codebooks",
-    "dynamic_map": "_double",
-    "QuantizedTensor": "_records",
-    "DoubleQuantized": "_records",
-    "quantize": "_quant",
-    "dequantize": "_quant",
-    "double_quantize": "_double",
-    "double_dequantize": "_double",
-    "bits_per_parameter": "_quant",
-    "quantized_linear": "_ops",
-    "fake_quantize": "_fake",
-    "block_absmax": "_fake",
-    "NF4Tensor": "_tensor",
-    "NF4Linear": "_linear",
-    "convert": "_convert",
-    "dequantize_model": "_convert",
-    "prepare_qat": "_qat",
-    "finalize_qat": "_qat",
-    "QATLinear": "_qat",
-    "loftq_init": "_loftq",
-    "loftq_convert": "_loftq",
-    "load_lora_factors": "_loftq",
-    "from_bnb": "_interop",
-    "to_bnb": "_interop",
-    "save_quantized": "_checkpoint",
-    "load_quantized": "_checkpoint",
+    "nf4_levels": "core.codebooks",
+    "normal_float_levels": "core.codebooks",
+    "fp4_levels": "core.codebooks",
+    "int4_levels": "core.codebooks",
+    "dynamic_map": "core.double",
+    "QuantSpec": "core.spec",
+    "QuantizedTensor": "core.records",
+    "DoubleQuantized": "core.records",
+    "quantize": "ops.quantize",
+    "dequantize": "ops.quantize",
+    "double_quantize": "core.double",
+    "double_dequantize": "core.double",
+    "bits_per_parameter": "ops.quantize",
+    "quantized_linear": "ops.linear",
+    "fake_quantize": "ops.fake_quant",
+    "block_absmax": "ops.fake_quant",
+    "NF4Tensor": "weight.tensor",
+    "NF4Linear": "weight.linear",
+    "convert": "transforms.convert",
+    "dequantize_model": "transforms.convert",
+    "prepare_qat": "transforms.qat",
+    "finalize_qat": "transforms.qat",
+    "QATLinear": "transforms.qat",
+    "loftq_init": "transforms.loftq",
+    "loftq_convert": "transforms.loftq",
+    "load_lora_factors": "transforms.loftq",
+    "from_bnb": "formats.bnb",
+    "to_bnb": "formats.bnb",
+    "save_quantized": "formats.checkpoint",
+    "load_quantized": "formats.checkpoint",
     "analysis": None,
 }
 __all__ = list(_HOME)
@@ -51,6 +52,7 @@ __all__ = list(_HOME)
 def _load() -> None:
     """Import the library, register its kernels, and bind its public names here (once)."""
     from . import backends  # noqa: F401  (registers the device kernels)
+    from .integrations import transformers_config  # noqa: F401  (the transforms' transformers hooks)
 
     g = globals()
     for name, home in _HOME.items():

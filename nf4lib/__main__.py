@@ -1,8 +1,8 @@
-"""``python -m nf4lib``: the command line (see ``nf4lib/_cli.py``)."""
+"""``python -m nf4lib``: the command line (see ``nf4lib/tools/cli.py``)."""
 
 import sys
 
-from ._cli import main
+from .tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

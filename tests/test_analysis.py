@@ -30,7 +30,9 @@ def test_metrics_are_chunked_without_changing_the_result(monkeypatch):
     x = torch.randn(10_000)
     y = x + 0.01 * torch.randn(10_000)
     whole = analysis.error_metrics(x, y)
-    monkeypatch.setattr(analysis, "_CHUNK", 777)
+    from nf4lib.tools import analysis as impl  # the chunk size is private
+
+    monkeypatch.setattr(impl, "_CHUNK", 777)
     chunked = analysis.error_metrics(x, y)
     for k in KEYS:
         assert chunked[k] == pytest.approx(whole[k], rel=1e-12), k

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nf4lib
-from nf4lib._cli import main
+from nf4lib.tools.cli import main
 
 
 
@@ -226,10 +226,10 @@ def test_interrupted_quantize_leaves_no_output(transformers, capsys, tmp_path, l
             raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, which the CLI turns into this) mid-way
         return real(*a, **k)
 
-    import nf4lib._quant
+    import nf4lib.ops.quantize
 
-    real = nf4lib._quant.quantize
-    monkeypatch.setattr(nf4lib._quant, "quantize", interrupted)
+    real = nf4lib.ops.quantize.quantize
+    monkeypatch.setattr(nf4lib.ops.quantize, "quantize", interrupted)
     code, _, err = run(capsys, "quantize", str(path), str(out))
     assert code == 130 and "interrupted" in err
     assert out.read_bytes() == b"previous"  # the old file is untouched
@@ -305,7 +305,7 @@ def test_unwritable_output_folder_is_one_line_and_leaves_nothing(capsys, tmp_pat
 
 
 def test_other_os_errors_are_one_line_exit_2(capsys, tmp_path, monkeypatch):
-    from nf4lib import _safetensors as _stream
+    from nf4lib.formats import safetensors as _stream
 
     src = _small_checkpoint(tmp_path)
 
@@ -342,7 +342,7 @@ def test_version(capsys):
 def test_help_and_version_answer_without_importing_torch():
     code = (
         "import sys\n"
-        "from nf4lib._cli import main\n"
+        "from nf4lib.tools.cli import main\n"
         "for argv in (['--help'], ['--version'], ['quantize', '--help'], ['bogus']):\n"
         "    try:\n"
         "        main(argv)\n"
@@ -357,7 +357,8 @@ def test_help_and_version_answer_without_importing_torch():
 
 
 def test_cli_default_exclude_is_converts(capsys):
-    from nf4lib import _cli, _plan
+    from nf4lib.tools import cli as _cli
+    from nf4lib.transforms import plan as _plan
 
     assert _cli._exclude(None) == list(_plan.DEFAULT_EXCLUDE)
     with pytest.raises(SystemExit):

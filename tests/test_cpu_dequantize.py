@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from nf4lib import _hugepages
+from nf4lib.backends.cpu import hugepages as _hugepages
 
 
 def _vm_flags(address):
@@ -45,12 +45,13 @@ def test_small_meta_and_unavailable_fall_back_to_torch_empty(monkeypatch):
     assert out.shape == (16 << 20,) and bool((out == 1.5).all())
 
 
-# --- the two-thread split of large CPU dequantizes (nf4lib._halves) ---
+# --- the two-thread split of large CPU dequantizes (nf4lib.backends.cpu.halves) ---
 
 import multiprocessing  # noqa: E402
 
 import nf4lib  # noqa: E402
-from nf4lib import _halves, _native, _quant  # noqa: E402
+from nf4lib.backends.cpu import halves as _halves, native as _native  # noqa: E402
+from nf4lib.backends.cpu import eager as _quant  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

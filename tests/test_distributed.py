@@ -141,7 +141,7 @@ def test_gathered_full_state_dict_is_bitsandbytes_keys_and_bytes(ex, fp32_run, b
     out, _, _ = fp32_run
     gathered = load_file(out / "base.safetensors")
     single, _ = _single_process(ex, out / "base_fp32", bf16=False, double_quant=True)
-    want = {nf4lib.distributed._peft_base_key(k): v for k, v in single.state_dict().items() if "lora_" not in k}
+    want = {nf4lib.distributed.peft_base_key(k): v for k, v in single.state_dict().items() if "lora_" not in k}
     assert set(gathered) == set(want)
     for k in want:
         assert torch.equal(gathered[k], want[k]), k  # the 4-bit weights are the single process's, bit for bit

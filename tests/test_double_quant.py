@@ -64,7 +64,7 @@ def test_8bit_codes_match_bitsandbytes_on_awkward_values(bnb, case):
     """The grid rounding equals bitsandbytes' kernel on boundaries, grid points, every
     exponent, zero and subnormal scales (``quantize_blockwise`` is its 8-bit entry point)."""
     bnb_f = bnb.functional
-    from nf4lib._double import _grid_codes, _grid_table_cached
+    from nf4lib.core.double import _grid_codes, _grid_table_cached
 
     values = _awkward_values()[case]
     theirs, state = bnb_f.quantize_blockwise(values, blocksize=256)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import nf4lib
-from nf4lib._interop import quant_state_key
+from nf4lib.formats.bnb import quant_state_key
 
 
 
@@ -356,7 +356,7 @@ def test_load_non_strict_returns_missing_and_unexpected_keys(tmp_path):
 
 
 def test_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
-    from nf4lib import _safetensors
+    from nf4lib.formats import safetensors as _safetensors
 
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"old")

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nf4lib
-from nf4lib import _native
+from nf4lib.backends.cpu import native as _native
 from reference import nf4 as ref
 
 
@@ -49,11 +49,11 @@ def test_native_equals_pure(dtype, blocksize, code):
     x[100:164] = 0.0  # an all-zero block
     w = torch.rand(x.numel()) * 2
     for weights in (None, w):
-        a = nf4lib.quantize(x, blocksize=blocksize, code=code, scale="mse", weights=weights)
+        a = nf4lib.quantize(x, blocksize=blocksize, code=code, scale="mse", importance=weights)
         with _native.disabled():
-            b = nf4lib.quantize(x, blocksize=blocksize, code=code, scale="mse", weights=weights)
+            b = nf4lib.quantize(x, blocksize=blocksize, code=code, scale="mse", importance=weights)
         with _native.use_isa("scalar"):
-            c = nf4lib.quantize(x, blocksize=blocksize, code=code, scale="mse", weights=weights)
+            c = nf4lib.quantize(x, blocksize=blocksize, code=code, scale="mse", importance=weights)
         # the same float32 terms and the same lane-wise sums everywhere: equal bits
         assert torch.equal(a.packed, b.packed) and torch.equal(c.packed, b.packed)
         assert torch.equal(a.absmax, b.absmax) and torch.equal(c.absmax, b.absmax)
@@ -67,11 +67,11 @@ def test_equals_numpy_reference(numel, blocksize):
     for weights in (None, w):
         packed, scales = ref.quantize_mse(x.numpy(), blocksize, code, None if weights is None else weights.numpy())
         with _native.disabled():
-            q = nf4lib.quantize(x, blocksize=blocksize, scale="mse", weights=weights)
+            q = nf4lib.quantize(x, blocksize=blocksize, scale="mse", importance=weights)
         np.testing.assert_array_equal(q.packed.numpy(), packed)
         np.testing.assert_array_equal(q.absmax.numpy(), scales)
         if _native.available():
-            q2 = nf4lib.quantize(x, blocksize=blocksize, scale="mse", weights=weights)
+            q2 = nf4lib.quantize(x, blocksize=blocksize, scale="mse", importance=weights)
             np.testing.assert_array_equal(q2.packed.numpy(), packed)
             np.testing.assert_array_equal(q2.absmax.numpy(), scales)
 
@@ -82,11 +82,11 @@ def test_importance_weights_lower_weighted_error():
     x = torch.randn(256, 512)
     importance = torch.rand(512) ** 4 * 10
     plain = nf4lib.dequantize(nf4lib.quantize(x, scale="mse")) - x
-    weighted = nf4lib.dequantize(nf4lib.quantize(x, scale="mse", weights=importance)) - x
+    weighted = nf4lib.dequantize(nf4lib.quantize(x, scale="mse", importance=importance)) - x
     assert float((weighted**2 * importance).sum()) < 0.97 * float((plain**2 * importance).sum())
     # full-shape weights of the same values give the same result
-    full = nf4lib.quantize(x, scale="mse", weights=importance.expand(256, 512).contiguous())
-    assert torch.equal(full.packed, nf4lib.quantize(x, scale="mse", weights=importance).packed)
+    full = nf4lib.quantize(x, scale="mse", importance=importance.expand(256, 512).contiguous())
+    assert torch.equal(full.packed, nf4lib.quantize(x, scale="mse", importance=importance).packed)
 
 
 def test_double_quant_and_dtypes_roundtrip():
@@ -106,13 +106,13 @@ def test_bad_input_is_refused_and_input_untouched():
     with pytest.raises(ValueError, match="scale must be one of"):
         nf4lib.quantize(x, scale="rms")
     with pytest.raises(ValueError, match="only with scale='mse'"):
-        nf4lib.quantize(x, weights=torch.ones(64))
+        nf4lib.quantize(x, importance=torch.ones(64))
     with pytest.raises(ValueError, match=r"shape \(64, 64\) or \(64,\)"):
-        nf4lib.quantize(x, scale="mse", weights=torch.ones(32))
+        nf4lib.quantize(x, scale="mse", importance=torch.ones(32))
     with pytest.raises(ValueError, match="non-negative"):
-        nf4lib.quantize(x, scale="mse", weights=-torch.ones(64))
+        nf4lib.quantize(x, scale="mse", importance=-torch.ones(64))
     with pytest.raises(TypeError, match="weights must be"):
-        nf4lib.quantize(x, scale="mse", weights=[1.0] * 64)
+        nf4lib.quantize(x, scale="mse", importance=[1.0] * 64)
     bad = x.clone()
     bad[3, 7] = float("nan")
     for native in (True, False):

@@ -1,4 +1,4 @@
-"""The native CPU kernels (nf4lib._native) against the pure-PyTorch kernels, which stay the
+"""The native CPU kernels (nf4lib.backends.cpu.native) against the pure-PyTorch kernels, which stay the
 readable reference: the same bytes from quantize, the same values from dequantize, the
 GEMV within float32 summation-order rounding; every instruction set this CPU runs
 (scalar included), odd sizes, tails, every built-in codebook and a user one, plain and
@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import nf4lib
-from nf4lib import _native, _quant
+from nf4lib.backends.cpu import native as _native
+from nf4lib.backends.cpu import eager as _quant
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason="native library not built")
 
@@ -239,7 +240,7 @@ def _run(code, **env):
 
 
 _PROBE = (
-    "import torch, nf4lib\nfrom nf4lib import _native\n"
+    "import torch, nf4lib\nfrom nf4lib.backends.cpu import native as _native\n"
     "x = torch.randn(300, 130)\nq = nf4lib.quantize(x)\nw = nf4lib.dequantize(q)\n"
     "with _native.disabled():\n    q2 = nf4lib.quantize(x)\n"
     "print(_native.isa(), bool(torch.equal(q.packed, q2.packed)), bool(torch.equal(w, nf4lib.dequantize(q2))))\n"

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import nf4lib
-from nf4lib._ops import op_args
-from nf4lib.backends import cpu as cpu_kernel
-from nf4lib.backends import default, triton_kernels
+from nf4lib.ops.library import dequantize_args, op_args
+from nf4lib.backends.cpu import kernels as cpu_kernel
+from nf4lib.backends import default
+from nf4lib.backends.triton import kernels as triton_kernels
 
 OP = torch.ops.nf4lib.quantized_linear.default
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -75,6 +76,65 @@ def test_opcheck(x_shape, w_shape, dq, with_bias, dtype):
     x = torch.randn(x_shape, dtype=dtype, requires_grad=True)
     bias = torch.randn(w_shape[0], dtype=dtype, requires_grad=True) if with_bias else None
     torch.library.opcheck(OP, (x,), dict(op_args(q), bias=bias))
+
+
+QUANTIZE_CASES = [  # (numel, blocksize, code, scale, weights)
+    (64 * 9, 64, "nf4", "absmax", False),
+    (1000, 128, "fp4", "absmax", False),  # a partial last block; FP4's storage order
+    (64 * 5 + 7, 64, "nf4", "mse", True),
+]
+
+
+@pytest.mark.parametrize("n, bs, code, scale, weighted", QUANTIZE_CASES)
+def test_opcheck_quantize(n, bs, code, scale, weighted):
+    from nf4lib.core.codebooks import code_tables
+
+    levels, thresholds, to_storage, identity = code_tables(code)
+    weights = torch.rand(n) if weighted else None
+    args = (torch.randn(n), bs, levels, thresholds, None if identity else to_storage, scale, weights)
+    torch.library.opcheck(torch.ops.nf4lib.quantize.default, args)
+    packed, absmax = torch.ops.nf4lib.quantize.default(*args)
+    q = nf4lib.quantize(args[0], blocksize=bs, code=code, scale=scale, importance=weights)
+    assert torch.equal(packed, q.packed) and torch.equal(absmax, q.absmax)
+
+
+@pytest.mark.parametrize("shape, dq, dtype", [((64, 32), False, torch.float32), ((7, 45), True, torch.bfloat16),
+                                              ((3, 2, 64), False, torch.float64)])
+def test_opcheck_dequantize(shape, dq, dtype):
+    q = nf4lib.quantize(torch.randn(shape), double_quant=dq)
+    torch.library.opcheck(torch.ops.nf4lib.dequantize.default, (), dict(dequantize_args(q), dtype=dtype))
+    assert torch.equal(torch.ops.nf4lib.dequantize.default(dtype=dtype, **dequantize_args(q)), nf4lib.dequantize(q, dtype))
+
+
+def test_every_op_has_a_default_and_a_cpu_kernel_that_agree():
+    # the CPU kernels (native or eager) give the default kernel's bytes and values
+    from nf4lib.core.codebooks import code_tables
+
+    x = torch.randn(77, 64 * 3 + 5)
+    levels, thresholds, _, _ = code_tables("nf4")
+    for scale in ("absmax", "mse"):
+        got = cpu_kernel.quantize(x.reshape(-1), 64, levels, thresholds, None, scale, None)
+        want = default.quantize(x.reshape(-1), 64, levels, thresholds, None, scale, None)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), scale
+    q = nf4lib.quantize(x, double_quant=True)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        assert torch.equal(cpu_kernel.dequantize(q, dtype), default.dequantize(q, dtype)), dtype
+
+
+def test_an_op_called_directly_checks_its_arguments():
+    # the kernels' door: a malformed call through torch.ops is refused before any kernel reads
+    from nf4lib.core.codebooks import code_tables
+
+    levels, thresholds, _, _ = code_tables("nf4")
+    with pytest.raises(ValueError, match="blocksize must be an int power of two"):
+        torch.ops.nf4lib.quantize.default(torch.randn(64), 24, levels, thresholds)
+    with pytest.raises(ValueError, match="thresholds must be 1-D of shape"):
+        torch.ops.nf4lib.quantize.default(torch.randn(64), 64, levels, thresholds[:3])
+    q = nf4lib.quantize(torch.randn(64, 64))
+    args = dequantize_args(q)
+    args["absmax"] = args["absmax"][:10]
+    with pytest.raises(ValueError, match="absmax must be float32 of shape"):
+        torch.ops.nf4lib.dequantize.default(dtype=torch.float32, **args)
 
 
 def test_fake_kernel_shapes_without_data():
@@ -176,7 +236,7 @@ def test_bad_inputs():
 def test_cuda_and_xpu_kernels_are_registered():
     for key in ("CPU", "CUDA", "XPU"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key("nf4lib::quantized_linear", key), key
-    from nf4lib.backends import cuda, xpu  # noqa: F401
+    from nf4lib.backends.triton import cuda, xpu  # noqa: F401
 
     assert "intel_extension_for_pytorch" not in sys.modules
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from nf4lib._plan import plan_checkpoint, plan_modules
+from nf4lib.transforms.plan import plan_checkpoint, plan_modules
 
 
 class _Block(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import nf4lib
-from nf4lib import _native
+from nf4lib.backends.cpu import native as _native
 
 
 @pytest.mark.parametrize("scale", ["absmax", "mse"])

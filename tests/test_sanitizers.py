@@ -11,7 +11,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SOURCES = sorted((ROOT / "nf4lib" / "_csrc").glob("*.c"))
+SOURCES = sorted((ROOT / "nf4lib" / "backends" / "cpu" / "csrc").glob("*.c"))
 
 
 def _runtime(name: str) -> str | None:
@@ -50,6 +50,6 @@ def test_native_and_security_tests_pass_under_address_and_ub_sanitizers(tmp_path
     assert run.returncode == 0, tail
     assert "ERROR: AddressSanitizer" not in tail and "runtime error:" not in tail, tail
     # the sanitized library was the one in use
-    probe = subprocess.run([sys.executable, "-c", "from nf4lib import _native; print(_native._library_path(), _native.available())"],
+    probe = subprocess.run([sys.executable, "-c", "from nf4lib.backends.cpu import native as _native; print(_native._library_path(), _native.available())"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert probe.stdout.split() == [str(lib), "True"], probe.stdout + probe.stderr[-2000:]

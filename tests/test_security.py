@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nf4lib
-from nf4lib._tensor import _rebuild_nf4  # the pickle's rebuild function: what a crafted file names
+from nf4lib.weight.tensor import _rebuild_nf4  # the pickle's rebuild function: what a crafted file names
 
 pytestmark = pytest.mark.security
 
@@ -101,7 +101,7 @@ def test_nested_blocksize_out_of_range_is_refused(nested_bs):
 
 def test_every_blocksize_the_kernels_accept_equals_the_pure_path():
     # the AVX-512 decode once assumed blocks of 16 or more while smaller ones were accepted
-    from nf4lib import _native
+    from nf4lib.backends.cpu import native as _native
 
     for bs in _native.BLOCKSIZES:
         w = torch.randn(3, 2 * bs + 32)
@@ -114,7 +114,7 @@ def test_every_blocksize_the_kernels_accept_equals_the_pure_path():
 
 
 def test_the_c_entry_points_refuse_buffers_too_short_themselves():
-    from nf4lib import _native
+    from nf4lib.backends.cpu import native as _native
 
     if not _native.available():
         pytest.skip("no native library")
@@ -293,7 +293,7 @@ def test_files_the_official_reader_rejects_are_rejected(tmp_path, case, capsys):
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="x.safetensors"):
         nf4lib.load_quantized(model, path)
-    from nf4lib._cli import main
+    from nf4lib.tools.cli import main
 
     for command in (["report", str(path)], ["quantize", str(path), str(tmp_path / "out.safetensors")]):
         assert main(command) == 2
@@ -374,7 +374,7 @@ def test_the_writer_names_the_path_when_the_disk_is_full_and_leaves_nothing(tmp_
     code = (
         "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         "resource.setrlimit(resource.RLIMIT_FSIZE, (40000, 40000)); "
-        "from nf4lib._cli import main; sys.exit(main(sys.argv[1:]))"
+        "from nf4lib.tools.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     res = subprocess.run([sys.executable, "-c", code, "quantize", str(src), str(out)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr
@@ -384,7 +384,7 @@ def test_the_writer_names_the_path_when_the_disk_is_full_and_leaves_nothing(tmp_
 
 def test_the_writer_needs_only_the_output_size_on_disk(tmp_path):
     # one file the size of the output, not a data file plus a copy of it
-    from nf4lib._safetensors import write_file
+    from nf4lib.formats.safetensors import write_file
 
     tensors = {"a": torch.randn(300, 300), "b": torch.arange(1000, dtype=torch.uint8)}
     probe = tmp_path / "probe.safetensors"
@@ -393,7 +393,7 @@ def test_the_writer_needs_only_the_output_size_on_disk(tmp_path):
     code = (
         "import resource, signal, sys, torch; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size})); "
-        "from nf4lib._safetensors import write_file; "
+        "from nf4lib.formats.safetensors import write_file; "
         "write_file({'a': torch.randn(300, 300), 'b': torch.arange(1000, dtype=torch.uint8)}, sys.argv[1], {'format': 'pt'})"
     )
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=120)
@@ -402,7 +402,7 @@ def test_the_writer_needs_only_the_output_size_on_disk(tmp_path):
 
 
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_writer(tmp_path):
-    from nf4lib._safetensors import write_file
+    from nf4lib.formats.safetensors import write_file
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -39,7 +39,7 @@ def test_linear_and_matmul_run_the_op_without_dequantizing(double_quant, monkeyp
     ref = w.dequantize()
     x, b = torch.randn(5, 96), torch.randn(48)
     want = F.linear(x, ref, b)
-    from nf4lib import _tensor
+    from nf4lib.weight import tensor as _tensor
 
     monkeypatch.setattr(_tensor, "_dense_fallback", lambda *a: pytest.fail(f"dequantized for {a[0]}"))
     for got in (F.linear(x, w, b), x @ w.T + b, torch.matmul(x, w.t()) + b, torch.mm(x, w.T) + b,
@@ -237,7 +237,7 @@ def test_kernels_are_registered_however_the_weight_is_reached():
 
     code = (
         "import nf4lib, torch\n"
-        "from nf4lib._linear import NF4Linear\n"
+        "from nf4lib.weight.linear import NF4Linear\n"
         "lin = NF4Linear.from_linear(torch.nn.Linear(64, 32))\n"
         "print(tuple(lin(torch.randn(2, 64)).shape))\n"
     )

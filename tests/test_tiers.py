@@ -65,3 +65,38 @@ def test_no_import_cycles():
 
     cycles = [c for m in graph if (c := cycle_from(m))]
     assert not cycles, cycles[0]
+
+
+# The package's layers, lowest first: a module may import its own folder and the folders
+# before it, never one after (the top-level modules, nf4lib's public surface, may import any).
+LAYERS = ("core", "ops", "backends", "formats", "weight", "transforms", "integrations", "tools")
+
+
+def _layer(module: str):
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 2 and parts[1] in LAYERS else None
+
+
+def test_every_module_sits_in_a_layer_folder():
+    top = sorted(p.name for p in (ROOT / "nf4lib").glob("*.py"))
+    # the public surface: the package, its CLI entry, three public submodules, and the
+    # name pickled NF4 weights refer to
+    assert top == ["__init__.py", "__main__.py", "_tensor.py", "analysis.py", "distributed.py", "hf.py"], top
+    folders = sorted(p.name for p in (ROOT / "nf4lib").iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert folders == sorted(LAYERS), folders
+
+
+def test_imports_only_go_down_the_layers():
+    upward = []
+    for path in (ROOT / "nf4lib").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        here = _layer(name)
+        if here is None:
+            continue
+        for target in _imports(path):
+            there = _layer(target)
+            if there is not None and there > here:
+                upward.append(f"{name} imports {target}")
+            elif there is None and (ROOT / (target.replace(".", "/") + ".py")).exists() and target != "nf4lib.__main__":
+                upward.append(f"{name} imports the public surface {target}")  # hf, distributed, analysis, _tensor
+    assert not upward, upward

@@ -24,8 +24,9 @@ import nf4lib
 
 _SCRIPT = r"""
 import json, torch, nf4lib
-from nf4lib._codebooks import named_thresholds, named_to_storage
-from nf4lib.backends import cpu, triton_kernels as tk
+from nf4lib.core.codebooks import named_thresholds, named_to_storage
+from nf4lib.backends.cpu import kernels as cpu
+from nf4lib.backends.triton import kernels as tk
 assert tk.HAVE_TRITON and tk.interpreting()
 torch.manual_seed(0)
 out = {"dequant": [], "quant": [], "linear": [], "route": [], "nan": None}
@@ -71,14 +72,14 @@ out["route"].append(((tk.linear(x, q, None) - cpu.linear(x, q, None)).abs().max(
 x = torch.randn(3, 96)
 out["route"].append(((tk.linear(x, q, None) - cpu.linear(x, q, None)).abs().max() / cpu.linear(x, q, None).abs().max()).item())
 out["gemv_ok"] = [tk.gemv_ok(q), tk.gemv_ok(nf4lib.quantize(torch.randn(24, 128)))]
-# the public functions reach the kernels through _quant's device hook (as on CUDA / XPU)
+# the public functions reach the kernels through the ops, registered as on CUDA / XPU
 x = torch.randn(100, 64 * 5 + 3)
 before = nf4lib.quantize(x, double_quant=True)
 w_before = nf4lib.dequantize(before, torch.bfloat16)
-from nf4lib import _native, _quant
+from nf4lib.ops.library import register_kernel
 calls = []
-_native.usable = lambda *a, **kw: False
-_quant._device_kernels = lambda dev: (lambda q, dt: calls.append("d") or tk.dequantize(q, dt), lambda *a: calls.append("q") or tk.quantize_into(*a))
+register_kernel("quantize", "cpu")(lambda *a: calls.append("q") or tk.quantize(*a))
+register_kernel("dequantize", "cpu")(lambda q, dt: calls.append("d") or tk.dequantize_or_default(q, dt))
 after = nf4lib.quantize(x, double_quant=True)
 out["hook"] = [calls, torch.equal(after.packed, before.packed), torch.equal(after.absmax.codes, before.absmax.codes),
                torch.equal(nf4lib.dequantize(after, torch.bfloat16), w_before)]
@@ -140,7 +141,7 @@ def test_cuda_quantize_dequantize_equal_cpu(code, double_quant):
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 512])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_linear_matches_cpu(m, dtype):
-    from nf4lib.backends import cpu
+    from nf4lib.backends.cpu import kernels as cpu
 
     q = nf4lib.quantize(torch.randn(1536, 2048), double_quant=True)
     x = torch.randn(m, 2048).to(dtype)
@@ -155,7 +156,7 @@ def test_cuda_linear_matches_cpu(m, dtype):
 @cuda
 def test_cuda_opcheck_and_compile_fullgraph():
     q = nf4lib.quantize(torch.randn(256, 512, device="cuda"), double_quant=True)
-    from nf4lib._ops import _op, op_args
+    from nf4lib.ops.linear import _op, op_args
 
     for m in (1, 40):
         x = torch.randn(m, 512, device="cuda", requires_grad=True)

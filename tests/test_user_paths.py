@@ -117,7 +117,7 @@ def test_memory_reads_as_4bit_memory(transformers, tmp_path):
 
 
 def test_report_states_the_bytes_the_quantized_file_has(transformers, tmp_path):
-    from nf4lib._cli import main
+    from nf4lib.tools.cli import main
 
     model = _llama(transformers, hidden_size=128, intermediate_size=256)
     model.save_pretrained(tmp_path / "m")
@@ -180,7 +180,7 @@ def test_a_converted_model_dequantizes_through_transformers_too(transformers):
 
 
 def test_the_cli_writes_a_model_directory_that_from_pretrained_loads(transformers, bnb, tmp_path):
-    from nf4lib._cli import main
+    from nf4lib.tools.cli import main
 
     model = _llama(transformers)
     model.save_pretrained(tmp_path / "in")
@@ -200,7 +200,7 @@ def test_the_cli_writes_a_model_directory_that_from_pretrained_loads(transformer
 
 def test_the_cli_quantizes_float64_checkpoints_and_says_so(tmp_path, capsys):
     from safetensors.torch import save_file
-    from nf4lib._cli import main
+    from nf4lib.tools.cli import main
 
     w = torch.randn(64, 64, dtype=torch.float64)
     save_file({"l.weight": w, "l.bias": torch.zeros(64, dtype=torch.float64)}, str(tmp_path / "in.safetensors"))

@@ -1,9 +1,12 @@
-"""Layer 4: device kernels for ``nf4lib::quantized_linear``, one file per device.
+"""Kernels of the three ops, one folder per device, all registered the same way
+(``ops.library.register_kernel``):
 
-``default`` (every device) is the readable pure-torch reference the others are tested
-against; importing this package registers it and the CPU, CUDA and XPU kernels. Each
-kernel takes ``(x, q: QuantizedTensor, bias)``; ``_ops.register_kernel`` adapts it to
-the op's schema.
+* ``default``: every device without its own; readable pure PyTorch, the reference the
+  others are tested against;
+* ``cpu``: the native C kernels, with an eager fallback;
+* ``triton``: CUDA and XPU.
+
+Importing this package registers them all.
 """
 
-from . import default, cpu, cuda, xpu  # noqa: F401  (registration side effects)
+from . import default, cpu, triton  # noqa: F401  (registration side effects)

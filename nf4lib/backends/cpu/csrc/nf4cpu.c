@@ -1,0 +1,312 @@
+/* nf4lib native CPU kernels: the thread pool, the choice of kernel table by instruction
+ * set, and the exported API (see nf4lib/backends/cpu/native.py, which loads this library
+ * with ctypes). The kernels themselves are in nf4cpu_scalar.c and the SIMD files.
+ */
+#define _GNU_SOURCE
+#include "nf4cpu.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#if NF4_X86
+#include <cpuid.h>
+#endif
+
+
+/* ------------------------------------------------------------------ thread pool */
+/* A persistent pool: the caller and up to nthreads - 1 workers take task indices from
+ * one atomic counter. One job at a time; a caller that finds the pool busy (another
+ * Python thread inside a kernel) runs its job alone. A forked child starts afresh. */
+
+typedef void (*nf4_task)(void *ctx, int64_t task);
+
+#define MAX_THREADS 256
+
+static struct {
+    pthread_mutex_t mu, busy;
+    pthread_cond_t wake, done;
+    int nworkers, nwant, finished;
+    unsigned long gen;
+    nf4_task fn;
+    void *ctx;
+    int64_t ntasks;
+    atomic_llong next;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL, NULL, 0, 0};
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void pool_child_reset(void) {
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pool.nworkers = 0;  /* the parent's workers do not exist in the child */
+}
+
+static void register_atfork(void) { pthread_atfork(NULL, NULL, pool_child_reset); }
+
+static void run_tasks(void) {
+    int64_t t;
+    while ((t = atomic_fetch_add(&pool.next, 1)) < pool.ntasks) pool.fn(pool.ctx, t);
+}
+
+static void *worker(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    /* Generations start at 1, so a worker started for the job in flight (created
+     * before that job's gen++, running after it) takes part in it. */
+    unsigned long seen = 0;
+    pthread_mutex_lock(&pool.mu);
+    for (;;) {
+        while (pool.gen == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+        seen = pool.gen;
+        if (id >= pool.nwant) continue;
+        pthread_mutex_unlock(&pool.mu);
+        run_tasks();
+        pthread_mutex_lock(&pool.mu);
+        if (++pool.finished == pool.nwant) pthread_cond_signal(&pool.done);
+    }
+    return NULL;
+}
+
+static void parallel_for(nf4_task fn, void *ctx, int64_t ntasks, int nthreads) {
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads > ntasks) nthreads = (int)ntasks;
+    if (nthreads <= 1 || pthread_mutex_trylock(&pool.busy) != 0) {
+        for (int64_t t = 0; t < ntasks; t++) fn(ctx, t);
+        return;
+    }
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.nworkers < nthreads - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int err = pthread_create(&th, &attr, worker, (void *)(intptr_t)pool.nworkers);
+        pthread_attr_destroy(&attr);
+        if (err) break;  /* fewer threads than asked: the results are the same */
+        pool.nworkers++;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.ntasks = ntasks;
+    atomic_store(&pool.next, 0);
+    pool.nwant = nthreads - 1 < pool.nworkers ? nthreads - 1 : pool.nworkers;
+    pool.finished = 0;
+    pool.gen++;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    run_tasks();
+    pthread_mutex_lock(&pool.mu);
+    while (pool.finished < pool.nwant) pthread_cond_wait(&pool.done, &pool.mu);
+    pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&pool.busy);
+}
+
+/* ------------------------------------------------------------------ dispatch */
+
+#if NF4_X86
+static int detect_isa(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return NF4_ISA_SCALAR;
+    const int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
+    if (!(osxsave && avx)) return NF4_ISA_SCALAR;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    const uint64_t xcr0 = ((uint64_t)hi << 32) | lo;
+    if ((xcr0 & 6) != 6) return NF4_ISA_SCALAR;  /* the OS saves no YMM state */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return NF4_ISA_SCALAR;
+    const int avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
+    if (!(avx2 && fma && f16c)) return NF4_ISA_SCALAR;
+    if (!(avx512f && (xcr0 & 0xE6) == 0xE6)) return NF4_ISA_AVX2;
+    /* leaf 7, sub-leaf 1, EAX bit 5: AVX512_BF16 (vdpbf16ps) */
+    if (avx512bw && avx512vl && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1)) return NF4_ISA_AVX512BF16;
+    return NF4_ISA_AVX512;
+}
+#else
+static int detect_isa(void) { return NF4_ISA_SCALAR; }
+#endif
+
+static int best_isa = -1, cur_isa = -1;
+
+static const nf4_kernels *kernels(void) {
+    if (cur_isa < 0) cur_isa = best_isa = detect_isa();
+#if NF4_X86
+    if (cur_isa == NF4_ISA_AVX512BF16) return &nf4_avx512bf16_kernels;
+    if (cur_isa == NF4_ISA_AVX512) return &nf4_avx512_kernels;
+    if (cur_isa == NF4_ISA_AVX2) return &nf4_avx2_kernels;
+#endif
+    return &nf4_scalar_kernels;
+}
+
+NF4_API int nf4_abi_version(void) { return NF4_ABI_VERSION; }
+
+/* The best instruction set this CPU and build support. */
+NF4_API int nf4_best_isa(void) { kernels(); return best_isa; }
+
+/* Use `isa` (capped at the best supported) from now on; returns the one in force. */
+NF4_API int nf4_set_isa(int isa) {
+    kernels();
+    cur_isa = isa < 0 ? 0 : (isa > best_isa ? best_isa : isa);
+    return cur_isa;
+}
+
+NF4_API int nf4_get_isa(void) { kernels(); return cur_isa; }
+
+/* for the other files of the library (nf4cpu_mse.c) */
+int nf4_current_isa(void) { kernels(); return cur_isa; }
+void nf4_parallel_for(nf4_task fn, void *ctx, int64_t ntasks, int nthreads) { parallel_for(fn, ctx, ntasks, nthreads); }
+
+/* ------------------------------------------------------------------ exported kernels */
+
+/* Work is cut into tasks of about this many elements (whole 64-element chunks). */
+#define TASK_ELEMS (1 << 16)
+/* Weights below this many elements take the GEMV on one thread (see nf4_gemv). */
+#define GEMV_SERIAL (1 << 18)
+
+typedef struct {
+    const nf4_kernels *kn;
+    const uint8_t *packed;
+    const nf4_scales *sc;
+    const float *code16;
+    int64_t bs, i0, i1, step;
+    char *out;
+    int dtype, esize;
+} decode_job;
+
+static void decode_task(void *p, int64_t t) {
+    const decode_job *j = p;
+    int64_t s = j->i0 + t * j->step, e = s + j->step < j->i1 ? s + j->step : j->i1;
+    j->kn->decode(j->packed, j->sc, j->code16, j->bs, s, e, j->out + (s - j->i0) * j->esize, j->dtype);
+}
+
+/* Elements [i0, i1) of the weight, written to out[0 .. i1 - i0) as float32/bf16/fp16
+ * (dtype | NF4_STREAM: with non-temporal stores where the instruction set has them).
+ * Returns 0, or NF4_EARGS if the buffers' lengths do not cover the work. */
+NF4_API int nf4_decode(const uint8_t *packed, int64_t packed_len, const nf4_scales *sc, const float *code16, int64_t bs,
+                       int64_t i0, int64_t i1, void *out, int64_t out_len, int dtype, int nthreads) {
+    const int plain = dtype & ~NF4_STREAM;
+    if (i0 < 0 || i1 < i0 || out_len < i1 - i0 || plain < NF4_F32 || plain > NF4_F16 || !nf4_weight_ok(packed_len, sc, bs, i1))
+        return NF4_EARGS;
+    if (i1 == i0) return 0;
+    decode_job j = {kernels(), packed, sc, code16, bs, i0, i1, TASK_ELEMS, out, dtype, plain == NF4_F32 ? 4 : 2};
+    parallel_for(decode_task, &j, (i1 - i0 + TASK_ELEMS - 1) / TASK_ELEMS, nthreads);
+    return 0;
+}
+
+typedef struct {
+    const nf4_kernels *kn;
+    const float *x;       /* float32 x, or NULL when xh is used */
+    const uint16_t *xh;   /* bf16 x for kn->gemv_bf16 */
+    int m;
+    int64_t k, n, rows_per_task, bs;
+    const uint8_t *packed;
+    const nf4_scales *sc;
+    const float *code16;
+    int dtype;
+    float *y;
+} gemv_job;
+
+static void gemv_task(void *p, int64_t t) {
+    const gemv_job *j = p;
+    int64_t r0 = t * j->rows_per_task, r1 = r0 + j->rows_per_task < j->n ? r0 + j->rows_per_task : j->n;
+    for (int m0 = 0; m0 < j->m; m0 += 8) {  /* at most 8 rows of x at a time */
+        int mm = j->m - m0 < 8 ? j->m - m0 : 8;
+        if (j->xh)
+            j->kn->gemv_bf16(j->xh + (int64_t)m0 * j->k, mm, j->k, j->packed, j->sc, j->code16, j->bs,
+                             r0, r1, j->y + (int64_t)m0 * j->n, j->n);
+        else
+            j->kn->gemv(j->x + (int64_t)m0 * j->k, mm, j->k, j->packed, j->sc, j->code16, j->bs, j->dtype,
+                        r0, r1, j->y + (int64_t)m0 * j->n, j->n);
+    }
+}
+
+/* y (m x n, float32) = x (m x k, float32 or bf16 as x_dtype says) @ W.T (+ bias), W (n x k)
+ * the 4-bit weight, each weight rounded to `dtype` first (as dequantize(q).to(x.dtype)
+ * would), products summed in float32. bf16 x with bf16 weights takes the instruction set's
+ * bf16 dot-product kernel where it has one and the shape fits (k % 32 == 0, bs >= 32);
+ * otherwise x is widened to float32 first (exactly). Returns 0, -1 if scratch memory ran
+ * out, or NF4_EARGS if the buffers' lengths (in elements) do not cover the work. */
+NF4_API int nf4_gemv(const void *x, int x_dtype, int64_t x_len, int64_t m, int64_t n, int64_t k, const uint8_t *packed,
+                     int64_t packed_len, const nf4_scales *sc, const float *code16, int64_t bs, int dtype,
+                     const float *bias, int64_t bias_len, float *y, int64_t y_len, int nthreads) {
+    const nf4_kernels *kn = kernels();
+    float *xp = NULL;
+    if (m < 0 || n < 0 || k < 0 || m > INT32_MAX || (n && k > ((int64_t)1 << 62) / n) || (m && k > ((int64_t)1 << 62) / m) ||
+        (m && n > ((int64_t)1 << 62) / m))
+        return NF4_EARGS;
+    if (x_len < m * k || y_len < m * n || (bias && bias_len < n) || dtype < NF4_F32 || dtype > NF4_F16 ||
+        (x_dtype != NF4_F32 && x_dtype != NF4_BF16) || !nf4_weight_ok(packed_len, sc, bs, n * k))
+        return NF4_EARGS;
+    if (m == 0 || n == 0) return 0;
+    const float *xf = x;
+    const uint16_t *xh = NULL;
+    if (x_dtype == NF4_BF16) {
+        if (kn->gemv_bf16 && dtype == NF4_BF16 && k % 32 == 0 && bs >= 32) {
+            xh = x;
+            xf = NULL;
+        } else {  /* bf16 -> float32 is exact: the float32 kernels give the same values */
+            xp = malloc(sizeof(float) * (size_t)(m * k));
+            if (!xp) return -1;
+            for (int64_t i = 0; i < m * k; i++) xp[i] = nf4_load(x, NF4_BF16, i);
+            xf = xp;
+        }
+    }
+    if (!xh && kn->permute_x && kn->wants_permuted_x(k, bs)) {  /* the kernel table's own step */
+        float *perm = malloc(sizeof(float) * (size_t)(m * k));
+        if (!perm) { free(xp); return -1; }
+        kn->permute_x(xf, perm, (int)m, k);
+        free(xp);
+        xp = perm;
+        xf = xp;
+    }
+    int64_t rows = (TASK_ELEMS / 4) / (k > 0 ? k : 1);
+    rows = rows < 4 ? 4 : rows;
+    gemv_job j = {kn, xf, xh, (int)m, k, n, rows, bs, packed, sc, code16, dtype, y};
+    /* waking a sleeping worker costs tens of microseconds: a weight of under GEMV_SERIAL
+     * elements (a 512x512 layer) runs on the calling thread alone */
+    parallel_for(gemv_task, &j, (n + rows - 1) / rows, n * k < GEMV_SERIAL ? 1 : nthreads);
+    free(xp);
+    if (bias)
+        for (int64_t mm = 0; mm < m; mm++)
+            for (int64_t r = 0; r < n; r++) y[mm * n + r] += bias[r];
+    return 0;
+}
+
+typedef struct {
+    const nf4_kernels *kn;
+    const void *x;
+    int dtype;
+    int64_t nblocks, blocks_per_task, bs;
+    const float *thr15;
+    const uint8_t *storage16;
+    uint8_t *packed;
+    float *absmax;
+    atomic_int bad;
+} quant_job;
+
+static void quant_task(void *p, int64_t t) {
+    quant_job *j = p;
+    int64_t b0 = t * j->blocks_per_task, b1 = b0 + j->blocks_per_task < j->nblocks ? b0 + j->blocks_per_task : j->nblocks;
+    int bad = 0;
+    j->kn->quantize(j->x, j->dtype, b0, b1, j->bs, j->thr15, j->storage16, j->packed, j->absmax, &bad);
+    if (bad) atomic_store(&j->bad, 1);
+}
+
+/* Quantize n values (float32/bf16/fp16) into packed ((n + 1) / 2 bytes) and absmax
+ * (ceil(n / bs) floats). thr15: the 15 sorted decision thresholds (+inf padded);
+ * storage16: sorted level index -> stored code. Returns 1 if x holds NaN or Inf,
+ * NF4_EARGS if the outputs' lengths do not fit n and bs. */
+NF4_API int nf4_quantize(const void *x, int dtype, int64_t n, int64_t bs, const float *thr15, const uint8_t *storage16,
+                         uint8_t *packed, int64_t packed_len, float *absmax, int64_t absmax_len, int nthreads) {
+    if (!nf4_blocksize_ok(bs) || n < 0 || n > ((int64_t)1 << 62) || packed_len < (n + 1) / 2 ||
+        absmax_len < (n + bs - 1) / bs || dtype < NF4_F32 || dtype > NF4_F16)
+        return NF4_EARGS;
+    quant_job j = {kernels(), x, dtype, n / bs, 0, bs, thr15, storage16, packed, absmax, 0};
+    j.blocks_per_task = TASK_ELEMS / bs > 0 ? TASK_ELEMS / bs : 1;
+    if (j.nblocks) parallel_for(quant_task, &j, (j.nblocks + j.blocks_per_task - 1) / j.blocks_per_task, nthreads);
+    int bad = atomic_load(&j.bad);
+    if (n % bs) nf4_quantize_tail(x, dtype, j.nblocks * bs, n, thr15, storage16, packed, absmax + j.nblocks, &bad);
+    return bad;
+}

@@ -1,0 +1,117 @@
+/* nf4lib native CPU kernels: AVX512-BF16 (with AVX512BW), for bf16 activations.
+ *
+ * A weight pair (elements 2j, 2j+1) is one packed byte (high nibble first). Each byte,
+ * widened to a dword, becomes two 16-bit table indices, (b >> 4) | (b & 15) << 16, and
+ * `vpermw` looks up 32 bf16 weights per instruction in a block's table
+ *
+ *     t[j] = bf16(code[j] * absmax[block])      (float32 product, rounded once, as dequantize)
+ *
+ * which lands them in the memory order of bf16 x, so `vdpbf16ps` multiplies 32 weights by
+ * 32 activations and adds pairs into 16 float32 lanes. Products of two bf16 values are exact
+ * in float32; only the order of the float32 sums differs from the scalar path (and bf16
+ * subnormals, below 1.2e-38, count as zero, as the instruction defines). The other kernels
+ * (the float32-activation GEMV, quantize, decode to float32 / fp16) are the AVX-512 ones;
+ * the bf16 decode uses the same lookup and stores the 32 weights as they come.
+ * nf4lib/backends/cpu/native.py checks this path against the scalar one when the library loads.
+ */
+#include "nf4cpu.h"
+
+#if NF4_X86
+#include <immintrin.h>
+
+#define BF16K __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+#define BF16K_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
+
+/* The block's 16 weights t[j] = bf16(code[j] * a), RNE, NaN -> 0x7FC0 (as nf4_to_bf16), as
+ * words 0..15 of a zmm and again as words 16..31 (see weights32). For a finite scale of at
+ * least 2^-100 every product is 0 or a normal float32, where `vcvtneps2bf16` rounds exactly
+ * as nf4_to_bf16 does (it flushes subnormal inputs, which these scales cannot make); other
+ * scales take the bit-exact integer rounding. */
+BF16K_INLINE __m512i bf16_table(const float *code16, float a) {
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(code16), _mm512_set1_ps(a));
+    __m256i t;
+    if (a >= 7.888609052210118e-31f && a <= 3.4028234663852886e38f) {  /* 2^-100 <= a, finite */
+        t = (__m256i)_mm512_cvtneps_pbh(v);
+    } else {
+        __m512i u = _mm512_castps_si512(v);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+        t = _mm512_cvtepi32_epi16(r);
+    }
+    return _mm512_broadcast_i64x4(t);
+}
+
+/* 32 weights (16 packed bytes at p) as bf16 pairs in element order. Byte b, widened to a
+ * dword, gives the index words (b >> 4, b): `vpermw` reads 5 bits of each index, so the high
+ * word selects entry b & 31, which the doubled table maps to b & 15. */
+BF16K_INLINE __m512i weights32(const uint8_t *p, __m512i table) {
+    __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    __m512i idx = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(d, 16));
+    return _mm512_permutexvar_epi16(idx, table);
+}
+
+BF16K_INLINE void gemv_m(const int M, const uint16_t *x, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                         const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    const int bsh = nf4_log2(bs);
+    for (int64_t r = r0; r < r1; r++) {
+        /* four accumulators per row of x, by chunk of 32, so the dot-product latency does
+         * not bound the loop */
+        __m512 acc[8][4];
+        for (int mm = 0; mm < M; mm++) acc[mm][0] = acc[mm][1] = acc[mm][2] = acc[mm][3] = _mm512_setzero_ps();
+        int64_t block = -1;
+        __m512i t = _mm512_setzero_si512();
+        for (int64_t c = 0; c < k; c += 32) {
+            const int64_t i = r * k + c;  /* a 32-aligned run of 32 lies in one block (bs >= 32) */
+            if ((i >> bsh) != block) { block = i >> bsh; t = bf16_table(code16, nf4_block_scale(sc, block)); }
+            __m512bh w = (__m512bh)weights32(packed + i / 2, t);
+            const int a = (int)(c / 32) & 3;
+            for (int mm = 0; mm < M; mm++)
+                acc[mm][a] = _mm512_dpbf16_ps(acc[mm][a], w, (__m512bh)_mm512_loadu_si512(x + mm * k + c));
+        }
+        for (int mm = 0; mm < M; mm++)
+            y[mm * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[mm][0], acc[mm][1]), _mm512_add_ps(acc[mm][2], acc[mm][3])));
+    }
+}
+
+/* Elements [i0, i1) as bf16: 32 weights per table lookup, written in element order
+ * (other output dtypes and blocksize 16: the AVX-512 decode). */
+BF16K void nf4_decode_avx512bf16(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
+                                 int64_t i0, int64_t i1, void *out, int dtype) {
+    if ((dtype & ~NF4_STREAM) != NF4_BF16 || bs < 32) { nf4_decode_avx512(packed, sc, code16, bs, i0, i1, out, dtype); return; }
+    const int bsh = nf4_log2(bs);
+    int64_t i = (i0 + 31) & ~(int64_t)31;
+    if (i > i1) i = i1;
+    nf4_decode_scalar(packed, sc, code16, bs, i0, i, out, NF4_BF16);
+    int64_t block = -1;
+    __m512i t = _mm512_setzero_si512();
+    uint16_t *o = (uint16_t *)out - i0;
+    /* a large output (NF4_STREAM) goes past the caches when its 64-byte runs are aligned */
+    const int stream = (dtype & NF4_STREAM) && ((uintptr_t)(o + i) & 63) == 0;
+    for (; i + 32 <= i1; i += 32) {  /* a 32-aligned run of 32 lies in one block (bs >= 32) */
+        if ((i >> bsh) != block) { block = i >> bsh; t = bf16_table(code16, nf4_block_scale(sc, block)); }
+        __m512i w = weights32(packed + i / 2, t);
+        if (stream) _mm512_stream_si512((__m512i *)(o + i), w);
+        else _mm512_storeu_si512(o + i, w);
+    }
+    if (stream) _mm_sfence();
+    nf4_decode_scalar(packed, sc, code16, bs, i, i1, o + i, NF4_BF16);
+}
+
+/* rows [r0, r1) of y (float32) = W . x for bf16 x (m x k, m <= 8), weights rounded to bf16;
+ * needs k % 32 == 0 and bs >= 32 (nf4_gemv checks) */
+BF16K void nf4_gemv_bf16_avx512bf16(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                                    const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    switch (m) {
+        case 1: gemv_m(1, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+        case 2: gemv_m(2, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+        case 3: gemv_m(3, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+        case 4: gemv_m(4, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+        case 5: gemv_m(5, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+        case 6: gemv_m(6, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+        case 7: gemv_m(7, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+        default: gemv_m(8, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+    }
+}
+
+#endif

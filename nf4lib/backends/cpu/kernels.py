@@ -1,0 +1,139 @@
+"""CPU kernel of ``nf4lib::quantized_linear``.
+
+With the native library (``nf4lib.backends.cpu.native``):
+
+* batches up to ``GEMV_MAX_ROWS`` rows: the fused decode-dot GEMV; the weight is decoded
+  in registers and never written out, products summed in float32;
+* larger batches: decode a tile of rows at a time into one reused buffer (native,
+  multithreaded) and multiply each tile as it is made, so the full-precision weight
+  never exists at once and each tile is still in cache when the matmul reads it.
+
+Without it, the same tiling with the eager decode (``eager.dequantize_blocks_into``).
+"""
+
+import functools
+import math
+
+import torch
+
+from . import eager, native as _native
+from .. import default
+from ...core import mse
+from ...core.checks import FLOAT_DTYPES, raise_not_finite
+from ...core.encode import pair_table, sorted_levels
+from ...ops.library import register_kernel
+
+# ~1M weight elements per tile: big enough for an efficient fp32 matmul, small enough for L2/L3.
+_TILE_ELEMS = 1 << 20
+# bf16 GEMMs (oneDNN, AVX512-BF16) want taller tiles: on a 2-core AVX512-BF16 EPYC, 5504x2048
+# at batch 128 took 15.9 ms in 512-row tiles, 9.9 ms in 2048-row ones (whole weight: 9.4 ms).
+_TILE_ELEMS_HALF = 1 << 22
+# The fused GEMV re-reads the 4-bit weight once per 8 rows of x. On 4096x4096 bf16 (2-core
+# AVX2, medians) it beat tile decode + matmul up to 24 rows (16 rows: 14.5 vs 16.3 ms) and
+# lost at 32 (32.5 vs 28.8 ms).
+GEMV_MAX_ROWS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def native_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices natively (bf16: AVX512-BF16 or AMX;
+    fp16: AMX-FP16), asked of the CPU rather than assumed. Measured on a 2-core AVX512-BF16
+    EPYC, 256x4096 @ 4096x4096: bf16 22 ms, fp32 75 ms; without such instructions a
+    half-precision GEMM is several times slower than fp32."""
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if dtype == torch.float16:
+        return torch.cpu._is_amx_fp16_supported()
+    return False
+
+
+def _compute_dtype(x: torch.Tensor, m: int) -> torch.dtype:
+    # Above a few rows, a half-precision x is multiplied in its own dtype where the CPU has
+    # native instructions for it, else in fp32 (faster there, and the more accurate choice).
+    if x.dtype == torch.float32 or (m >= 8 and not native_half_gemm(x.dtype)):
+        return torch.float32
+    return x.dtype
+
+
+def _fresh(y: torch.Tensor, x: torch.Tensor, out_f: int) -> torch.Tensor:
+    # a fresh tensor, not a view of one: FSDP2 (and in-place ops after it) treat views specially
+    out = torch.empty(*x.shape[:-1], out_f, dtype=x.dtype, device=x.device)
+    out.view(-1, out_f).copy_(y)
+    return out
+
+
+def native_usable(q, *others, in_kernel: bool = True) -> bool:
+    """True when the native kernels can take the validated record ``q`` (and the tensors
+    ``others``, None allowed): see ``native.usable``."""
+    a = q.absmax
+    parts = (a.codes, a.scales, a.offset, a.code) if q.double_quant else (a,)
+    return _native.usable(q.packed, q.code, *parts, *others, in_kernel=in_kernel)
+
+
+@register_kernel("quantize", "cpu")
+def quantize(x, blocksize, code, thresholds, to_storage, scale, weights):
+    if not _native.usable(x, weights, in_kernel=True):
+        if scale == "mse":
+            return default.quantize(x, blocksize, code, thresholds, to_storage, scale, weights)
+        return eager.quantize(x, blocksize, thresholds, to_storage)
+    n = x.numel()
+    x = x.contiguous()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    if scale == "mse":
+        storage = torch.arange(16) if to_storage is None else to_storage
+        ok = n == 0 or _native.quantize_mse_into(x, blocksize, thresholds, sorted_levels(code, storage), storage, weights,
+                                                  mse.RATIOS, mse.STEPS, packed, absmax)
+    else:
+        ok = _native.quantize_into(x, blocksize, thresholds, to_storage, packed, absmax)
+    if not ok:
+        raise_not_finite(x, blocksize)
+    return packed, absmax
+
+
+@register_kernel("dequantize", "cpu")
+def dequantize(q, dtype):
+    if dtype in FLOAT_DTYPES and native_usable(q):
+        out = eager.empty_large(q.numel, dtype, q.packed.device)
+        _native.decode_into(out, q)
+        return out.view(q.shape)
+    return eager.dequantize(q, dtype)
+
+
+@register_kernel("quantized_linear", "cpu")
+def linear(x, q, bias):
+    out_f, in_f = q.shape
+    n, bs = q.numel, q.blocksize
+    if n == 0 or x.numel() == 0:
+        return default.linear(x, q, bias)
+    native = x.dtype in (torch.float32, torch.bfloat16, torch.float16) and native_usable(q, x, bias, in_kernel=True)
+    if not native and n % bs:  # a partial block straddles rows: use the reference
+        return default.linear(x, q, bias)
+    x2 = x.reshape(-1, in_f)
+    m = x2.shape[0]
+    if native and m <= GEMV_MAX_ROWS:
+        # y = x @ W.T + b, each weight as dequantize(q).to(x.dtype) has it
+        return _fresh(_native.gemv(x2, q, x.dtype, bias), x, out_f)
+    dtype = _compute_dtype(x, m)
+    xc = x2.to(dtype)
+    # rows per tile: a multiple of the rows that make whole blocks
+    unit = bs // math.gcd(in_f, bs)
+    tile_elems = _TILE_ELEMS if dtype == torch.float32 else _TILE_ELEMS_HALF
+    rows = max(unit, (tile_elems // in_f) // unit * unit)
+    buf = torch.empty(min(rows, out_f) * in_f, dtype=dtype, device=x.device)
+    out_t = torch.empty(out_f, m, dtype=dtype, device=x.device)  # y.T: each tile fills whole rows
+    if not native:
+        am, table = q.scales.dequantize(), pair_table(q.code.float())
+    for r0 in range(0, out_f, rows):
+        r1 = min(r0 + rows, out_f)
+        e0, e1 = r0 * in_f, r1 * in_f
+        tile = buf[: e1 - e0]
+        if native:
+            _native.decode_into(tile, q, e0, e1)
+        else:
+            eager.dequantize_blocks_into(tile, q.packed[e0 // 2 : e1 // 2], am[e0 // bs : e1 // bs], table, bs)
+        torch.mm(tile.view(r1 - r0, in_f), xc.t(), out=out_t[r0:r1])  # y.T[r0:r1] = W[r0:r1] @ x.T
+    y = out_t.t()
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return _fresh(y, x, out_f)
