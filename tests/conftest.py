@@ -119,3 +119,19 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+_CORE = {"tests": 0, "seconds": 0.0}
+
+
+def pytest_runtest_logreport(report):
+    # the core tier's own time, also inside a full run: setup, call and teardown of each core test
+    if "core" in report.keywords:
+        _CORE["seconds"] += report.duration
+        _CORE["tests"] += report.when == "call"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _CORE["tests"]:
+        terminalreporter.write_line(f"core tier: {_CORE['tests']} tests in {_CORE['seconds']:.1f} s "
+                                    f"(target: under 60 s on 2 cores)")

@@ -147,6 +147,7 @@ def test_shared_linear_is_converted_once():
     assert q2[0].weight is q2[1].weight  # one shared quantized Parameter, as the input shared one
 
 
+@pytest.mark.slow  # ~17 s of compiling on 2 cores
 def test_converted_model_compiles_without_graph_breaks():
     torch.manual_seed(0)
     q = nf4lib.convert(nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)), double_quant=True)

@@ -21,9 +21,15 @@ def test_core_tier_runs_whole_with_the_extras_unimportable():
     )
     tail = out.stdout[-3000:]
     assert out.returncode == 0, tail + out.stderr[-2000:]
-    summary = tail.strip().splitlines()[-1]
-    assert "passed" in summary and "skipped" not in summary and "failed" not in summary, summary
-    assert int(summary.split(" passed")[0].split()[-1]) >= 300, summary
+    summary = [line for line in tail.strip().splitlines() if " passed" in line][-1]
+    assert "skipped" not in summary and "failed" not in summary, summary
+    # every core test collected in a normal environment ran and passed with the extras blocked
+    listed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "core", "-q", "-p", "no:cacheprovider", "--collect-only", str(ROOT / "tests")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    ).stdout
+    collected = int([line for line in listed.splitlines() if "tests collected" in line or "selected" in line][-1].split("/")[0].split()[0])
+    assert int(summary.split(" passed")[0].split()[-1]) == collected, (summary, collected)
 
 
 def _imports(path: pathlib.Path) -> set:
