@@ -106,6 +106,28 @@ def test_opcheck_dequantize(shape, dq, dtype):
     assert torch.equal(torch.ops.nf4lib.dequantize.default(dtype=dtype, **dequantize_args(q)), nf4lib.dequantize(q, dtype))
 
 
+@pytest.mark.parametrize("g_shape, w_shape, dq, dtype", [((4, 64), (64, 128), False, torch.float32),
+                                                      ((2, 3, 32), (32, 128), True, torch.float32),
+                                                      ((1, 16), (16, 64), False, torch.bfloat16)])
+def test_opcheck_linear_grad(g_shape, w_shape, dq, dtype):
+    q = nf4lib.quantize(torch.randn(w_shape), double_quant=dq)
+    grad = torch.randn(g_shape, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.nf4lib.quantized_linear_grad.default, (grad,), op_args(q))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 9, 40])
+def test_cpu_backward_kernel_matches_the_default(monkeypatch, dtype, m):
+    # tiles of whole rows, summed in float32: the default's grad @ W up to summation order
+    monkeypatch.setattr(cpu_kernel, "_TILE_ELEMS", 4096)  # several tiles
+    monkeypatch.setattr(cpu_kernel, "_TILE_ELEMS_HALF", 4096)
+    q = nf4lib.quantize(torch.randn(300, 192), double_quant=True)
+    g = torch.randn(m, 300).to(dtype)
+    got, want = cpu_kernel.linear_grad(g, q), (g.double() @ nf4lib.dequantize(q, torch.float64).to(dtype).double())
+    assert got.dtype == dtype and got.shape == (m, 192)
+    assert rel_err(got, want) <= TOL[dtype]
+
+
 def test_every_op_has_a_default_and_a_cpu_kernel_that_agree():
     # the CPU kernels (native or eager) give the default kernel's bytes and values
     from nf4lib.core.codebooks import code_tables

@@ -12,7 +12,7 @@ from ..core.checks import raise_not_finite
 from ..core.encode import nearest_levels, pack, scaled
 from ..ops.library import register_kernel
 
-__all__ = ["quantize", "dequantize", "linear", "encode_blocks", "encode_tail"]
+__all__ = ["quantize", "dequantize", "linear", "linear_grad", "encode_blocks", "encode_tail"]
 
 
 def encode_blocks(rows: torch.Tensor, thresholds: torch.Tensor, to_storage):
@@ -70,3 +70,9 @@ def dequantize(q, dtype):
 def linear(x, q, bias):
     # y = x @ W.T + b, W in x's dtype, exactly as F.linear(x, dequantize(q).to(x.dtype), b)
     return torch.nn.functional.linear(x, dequantize(q, x.dtype), bias)
+
+
+@register_kernel("quantized_linear_grad", None)
+def linear_grad(grad, q):
+    # dL/dx = dL/dy @ W, W in grad's dtype
+    return grad @ dequantize(q, grad.dtype)

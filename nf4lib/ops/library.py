@@ -5,7 +5,8 @@ way every device registers kernels for them (``register_kernel``). Kernels live 
 
 * ``nf4lib::quantize``: flattened ``x`` -> (packed codes, per-block scales);
 * ``nf4lib::dequantize``: the stored parts -> ``w ~= code[q] * absmax[block]``;
-* ``nf4lib::quantized_linear``: ``y = x @ dequantize(W).T + bias`` without the full weight.
+* ``nf4lib::quantized_linear``: ``y = x @ dequantize(W).T + bias`` without the full weight;
+* ``nf4lib::quantized_linear_grad``: ``dL/dx = dL/dy @ dequantize(W)``, its backward.
 
 The weight travels as its stored parts under bitsandbytes' names (packed codes, absmax or
 its 8-bit codes, quant_map, and the nested parts of double quantization); a kernel
@@ -43,7 +44,12 @@ torch.library.define(
     "(Tensor x, Tensor packed, Tensor absmax, Tensor quant_map, int out_features, int in_features, "
     f"int blocksize=64, Tensor? bias=None, {_NESTED}) -> Tensor",
 )
-OPS = ("quantize", "dequantize", "quantized_linear")
+torch.library.define(
+    "nf4lib::quantized_linear_grad",
+    "(Tensor grad, Tensor packed, Tensor absmax, Tensor quant_map, int out_features, int in_features, "
+    f"int blocksize=64, {_NESTED}) -> Tensor",
+)
+OPS = ("quantize", "dequantize", "quantized_linear", "quantized_linear_grad")
 
 
 def op_args(q: QuantizedTensor) -> dict:
@@ -124,7 +130,8 @@ def register_kernel(op: str, device_type: Optional[str]):
     * ``quantize``: ``fn(x, blocksize, code, thresholds, to_storage, scale, weights) ->
       (packed, scales)`` with ``x`` 1-D; raises ``ValueError`` on NaN/Inf in ``x``;
     * ``dequantize``: ``fn(q: QuantizedTensor, dtype) -> Tensor`` of ``q.shape``;
-    * ``quantized_linear``: ``fn(x, q: QuantizedTensor, bias) -> y``.
+    * ``quantized_linear``: ``fn(x, q: QuantizedTensor, bias) -> y``;
+    * ``quantized_linear_grad``: ``fn(grad, q: QuantizedTensor) -> grad @ W`` in grad's dtype.
     """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
@@ -143,6 +150,15 @@ def register_kernel(op: str, device_type: Optional[str]):
                 if dtype not in FLOAT_DTYPES + (torch.float64,):
                     raise ValueError(f"nf4lib::dequantize: dtype must be a floating point dtype, got {dtype}")
                 return fn(q, dtype)
+        elif op == "quantized_linear_grad":
+            def kernel(grad, packed, absmax, quant_map, out_features, in_features, blocksize=64,
+                       nested_absmax=None, nested_quant_map=None, nested_offset=None, nested_blocksize=None):
+                q = record_from_args(packed, absmax, quant_map, (out_features, in_features), blocksize,
+                                     nested_absmax, nested_quant_map, nested_offset, nested_blocksize, grad.dtype)
+                where = "nf4lib::quantized_linear_grad"
+                validate(q, where, check_dtype=False)
+                check_linear_input(grad, out_features, q.packed.device, where)
+                return fn(grad, q)
         else:
             def kernel(x, packed, absmax, quant_map, out_features, in_features, blocksize=64, bias=None,
                        nested_absmax=None, nested_quant_map=None, nested_offset=None, nested_blocksize=None):
@@ -190,6 +206,13 @@ def _linear_fake(x, packed, absmax, quant_map, out_features, in_features, blocks
     if bias is not None:
         torch._check(bias.shape == (out_features,), lambda: f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("nf4lib::quantized_linear_grad")
+def _linear_grad_fake(grad, packed, absmax, quant_map, out_features, in_features, blocksize=64,
+                      nested_absmax=None, nested_quant_map=None, nested_offset=None, nested_blocksize=None):
+    torch._check(grad.shape[-1] == out_features, lambda: f"grad's last dim {grad.shape[-1]} != out_features {out_features}")
+    return grad.new_empty((*grad.shape[:-1], in_features))
 
 
 # ----------------------------------------------------------------------------- vmap

@@ -12,19 +12,19 @@ from torch import Tensor
 
 from ..core.checks import validate
 from ..core.records import QuantizedTensor
-from .library import check_linear_input, op_args, record_from_args
-from .quantize import dequantize
+from .library import check_linear_input, op_args
 
 __all__ = ["quantized_linear", "linear_parts"]
 
 _op = torch.ops.nf4lib.quantized_linear.default
+_grad_op = torch.ops.nf4lib.quantized_linear_grad.default
 OP = "nf4lib::quantized_linear"
 
 
 # ----------------------------------------------------------------------------- autograd
 # The 4-bit weight is frozen: gradients flow to x and bias only.
 #     dL/dx = dL/dy @ W        dL/dbias = sum of dL/dy over the leading dims
-# Only the stored 4-bit parts are saved; backward dequantizes again, so no full-size
+# Only the stored 4-bit parts are saved; backward decodes them again, so no full-size
 # weight outlives the forward.
 
 
@@ -34,8 +34,14 @@ def _grads(ctx, grad, need_x: bool, need_bias: bool):
     out_f, in_f, bs, n_bs = ctx.meta
     grad_x = grad_bias = None
     if need_x:
-        q = record_from_args(packed, absmax, quant_map, (out_f, in_f), bs, n_abs, n_map, n_off, n_bs)
-        grad_x = (grad @ dequantize(q, grad.dtype)).to(ctx.x_dtype)
+        # dL/dx = dL/dy @ W: its own op, so each device computes it its own way (the CPU in
+        # tiles, in float32 where it lacks fast half-precision matmuls)
+        parts = (packed, absmax, quant_map, n_abs, n_map, n_off)
+        if torch.compiler.is_compiling():
+            grad_x = _grad_op(grad, packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs)
+        else:  # differentiable again under autograd and torch.func (double backward, jacrev of grad)
+            grad_x = _LinearGrad.apply(grad, *parts, ctx.meta)
+        grad_x = grad_x.to(ctx.x_dtype)
     if need_bias:
         grad_bias = grad.reshape(-1, out_f).sum(0)
     return grad_x, grad_bias
@@ -76,6 +82,40 @@ def _vmap(info, in_dims, x, packed, absmax, quant_map, out_f, in_f, bs=64, bias=
     return torch.stack(outs), 0
 
 
+# dL/dx = g @ W is linear in g: its own gradient is gg @ W.T, the forward op again (so
+# double backward, and torch.func's higher derivatives, work).
+def _grad_setup_context(ctx, inputs, output):
+    _, packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs = inputs
+    ctx.save_for_backward(packed, absmax, quant_map, n_abs, n_map, n_off)
+    ctx.meta = (out_f, in_f, bs, n_bs)
+
+
+def _grad_backward(ctx, gg):
+    packed, absmax, quant_map, n_abs, n_map, n_off = ctx.saved_tensors
+    out_f, in_f, bs, n_bs = ctx.meta
+    return (_op(gg, packed, absmax, quant_map, out_f, in_f, bs, None, n_abs, n_map, n_off, n_bs),) + (None,) * 10
+
+
+torch.library.register_autograd("nf4lib::quantized_linear_grad", _grad_backward, setup_context=_grad_setup_context)
+
+
+@torch.library.register_vmap("nf4lib::quantized_linear_grad")
+def _grad_vmap(info, in_dims, grad, packed, absmax, quant_map, out_f, in_f, bs=64, n_abs=None, n_map=None, n_off=None, n_bs=None):
+    dims = tuple(in_dims) + (None,) * (11 - len(in_dims))
+    g_dim, weight_dims = dims[0], (dims[1], dims[2], dims[3], dims[7], dims[8], dims[9])
+    if all(d is None for d in weight_dims):
+        # only the gradient is batched: the op already maps over leading dims
+        grad = grad.movedim(g_dim, 0) if g_dim is not None else grad.expand(info.batch_size, *grad.shape)
+        return _grad_op(grad, packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs), 0
+    args = (grad, packed, absmax, quant_map, n_abs, n_map, n_off)
+    adims = (g_dim,) + weight_dims[:3] + weight_dims[3:]
+    outs = []
+    for i in range(info.batch_size):
+        a = [v if d is None or v is None else v.select(d, i) for v, d in zip(args, adims)]
+        outs.append(_grad_op(a[0], a[1], a[2], a[3], out_f, in_f, bs, a[4], a[5], a[6], n_bs))
+    return torch.stack(outs), 0
+
+
 class _Linear(torch.autograd.Function):
     """The op with an autograd formula that torch.func composes with (grad, vjp, jacrev,
     jvp, vmap of either): custom ops' own autograd does not compose with torch.func."""
@@ -107,6 +147,37 @@ class _Linear(torch.autograd.Function):
         out_f, in_f, bs, n_bs = ctx.meta
         y_t = _op(x_t, packed, absmax, quant_map, out_f, in_f, bs, None, n_abs, n_map, n_off, n_bs)
         return y_t if bias_t is None else y_t + bias_t
+
+
+class _LinearGrad(torch.autograd.Function):
+    """``dL/dx = g @ W`` (the grad op) with an autograd formula torch.func composes with:
+    linear in ``g``, so its gradient is ``gg @ W.T`` (the forward op) and its tangent
+    ``g_t @ W``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, packed, absmax, quant_map, n_abs, n_map, n_off, meta):
+        out_f, in_f, bs, n_bs = meta
+        return _grad_op(grad, packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight = inputs[1:7]
+        ctx.save_for_backward(*weight)
+        ctx.save_for_forward(*weight)
+        ctx.meta = inputs[7]
+
+    @staticmethod
+    def backward(ctx, gg):
+        weight = ctx.saved_tensors
+        return (_Linear.apply(gg, None, *weight, ctx.meta),) + (None,) * 7
+
+    @staticmethod
+    def jvp(ctx, g_t, *_):
+        packed, absmax, quant_map, n_abs, n_map, n_off = ctx.saved_tensors
+        out_f, in_f, bs, n_bs = ctx.meta
+        return _grad_op(g_t, packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs)
 
 
 def _no_grad_needed(x: Tensor, bias: Optional[Tensor]) -> bool:

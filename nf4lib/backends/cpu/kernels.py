@@ -100,6 +100,29 @@ def dequantize(q, dtype):
     return eager.dequantize(q, dtype)
 
 
+def _tiles(q, dtype: torch.dtype, native: bool):
+    """(r0, r1, W[r0:r1] in ``dtype``) over the weight's rows, a tile at a time, decoded into
+    one reused buffer (each tile is still in cache when the matmul reads it, and the
+    full-precision weight never exists at once)."""
+    out_f, in_f = q.shape
+    bs = q.blocksize
+    unit = bs // math.gcd(in_f, bs)  # rows per tile: a multiple of the rows that make whole blocks
+    tile_elems = _TILE_ELEMS if dtype == torch.float32 else _TILE_ELEMS_HALF
+    rows = max(unit, (tile_elems // in_f) // unit * unit)
+    buf = torch.empty(min(rows, out_f) * in_f, dtype=dtype, device=q.packed.device)
+    if not native:
+        am, table = q.scales.dequantize(), pair_table(q.code.float())
+    for r0 in range(0, out_f, rows):
+        r1 = min(r0 + rows, out_f)
+        e0, e1 = r0 * in_f, r1 * in_f
+        tile = buf[: e1 - e0]
+        if native:
+            _native.decode_into(tile, q, e0, e1)
+        else:
+            eager.dequantize_blocks_into(tile, q.packed[e0 // 2 : e1 // 2], am[e0 // bs : e1 // bs], table, bs)
+        yield r0, r1, tile.view(r1 - r0, in_f)
+
+
 @register_kernel("quantized_linear", "cpu")
 def linear(x, q, bias):
     out_f, in_f = q.shape
@@ -116,24 +139,32 @@ def linear(x, q, bias):
         return _fresh(_native.gemv(x2, q, x.dtype, bias), x, out_f)
     dtype = _compute_dtype(x, m)
     xc = x2.to(dtype)
-    # rows per tile: a multiple of the rows that make whole blocks
-    unit = bs // math.gcd(in_f, bs)
-    tile_elems = _TILE_ELEMS if dtype == torch.float32 else _TILE_ELEMS_HALF
-    rows = max(unit, (tile_elems // in_f) // unit * unit)
-    buf = torch.empty(min(rows, out_f) * in_f, dtype=dtype, device=x.device)
     out_t = torch.empty(out_f, m, dtype=dtype, device=x.device)  # y.T: each tile fills whole rows
-    if not native:
-        am, table = q.scales.dequantize(), pair_table(q.code.float())
-    for r0 in range(0, out_f, rows):
-        r1 = min(r0 + rows, out_f)
-        e0, e1 = r0 * in_f, r1 * in_f
-        tile = buf[: e1 - e0]
-        if native:
-            _native.decode_into(tile, q, e0, e1)
-        else:
-            eager.dequantize_blocks_into(tile, q.packed[e0 // 2 : e1 // 2], am[e0 // bs : e1 // bs], table, bs)
-        torch.mm(tile.view(r1 - r0, in_f), xc.t(), out=out_t[r0:r1])  # y.T[r0:r1] = W[r0:r1] @ x.T
+    for r0, r1, tile in _tiles(q, dtype, native):
+        torch.mm(tile, xc.t(), out=out_t[r0:r1])  # y.T[r0:r1] = W[r0:r1] @ x.T
     y = out_t.t()
     if bias is not None:
         y = y + bias.to(dtype)
     return _fresh(y, x, out_f)
+
+
+@register_kernel("quantized_linear_grad", "cpu")
+def linear_grad(grad, q):
+    """``dL/dx = dL/dy @ W`` tile by tile: ``sum over row tiles of grad[:, rows] @ W[rows]``,
+    accumulated in float32. The tiles are multiplied in grad's dtype where the CPU has fast
+    instructions for it, else in float32: without them a bf16 matmul runs ~100x slower
+    (8x4096 @ 4096x4096 on a 2-core AVX2 EPYC: ~950 ms in bf16)."""
+    out_f, in_f = q.shape
+    n, bs = q.numel, q.blocksize
+    if n == 0 or grad.numel() == 0:
+        return default.linear_grad(grad, q)
+    native = grad.dtype in FLOAT_DTYPES and native_usable(q, grad)
+    if not native and n % bs:  # a partial block straddles rows: use the reference
+        return default.linear_grad(grad, q)
+    dtype = grad.dtype if grad.dtype == torch.float32 or native_half_gemm(grad.dtype) else torch.float32
+    g2 = grad.reshape(-1, out_f).to(dtype)
+    acc = None
+    for r0, r1, tile in _tiles(q, dtype, native):
+        part = g2[:, r0:r1] @ tile
+        acc = part.float() if acc is None else acc.add_(part)
+    return acc.to(grad.dtype).view(*grad.shape[:-1], in_f)

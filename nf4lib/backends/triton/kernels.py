@@ -235,3 +235,4 @@ def register(device_type: str) -> None:
     register_kernel("quantize", device_type)(quantize)
     register_kernel("dequantize", device_type)(dequantize_or_default)
     register_kernel("quantized_linear", device_type)(linear)
+    register_kernel("quantized_linear_grad", device_type)(default.linear_grad)  # Triton dequantize + cuBLAS

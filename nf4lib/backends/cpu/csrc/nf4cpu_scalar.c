@@ -1,7 +1,7 @@
 /* nf4lib native CPU kernels: the portable scalar path, written element by element in
  * the order of operations of nf4lib's default (pure-PyTorch) kernels
  * (nf4lib/backends/default.py). The AVX2 / AVX-512 files compute the same values faster
- * and use these for heads, tails and odd shapes; nf4cpu.c dispatches between them.
+ * and use these for heads, tails and odd shapes; nf4cpu_api.c dispatches between them.
  */
 #include "nf4cpu.h"
 
