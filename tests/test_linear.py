@@ -396,3 +396,42 @@ def test_state_dict_keys_resolve_by_attribute():
         for part in key.split("."):
             obj = getattr(obj, part)
         assert torch.equal(obj if key != "weight" else obj.packed.reshape(-1, 1), value), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_small_calls_through_the_prepared_weight_equal_the_op(dtype, rows):
+    # no-grad and grad calls of up to 16 rows skip the op (its checks are cached on the
+    # frozen weight): the same bits as the op, and the same gradients
+    layer = nf4lib.NF4Linear.from_linear(nn.Linear(192, 80), double_quant=True, compute_dtype=dtype)
+    x = torch.randn(rows, 192).to(dtype)
+    op = torch.ops.nf4lib.quantized_linear.default
+    want = op(x, bias=layer.bias.to(dtype), **nf4lib.ops.library.op_args(layer.quantized))
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    assert torch.equal(y, want)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(xg.grad.float(), (g.float() @ layer.dequantize(torch.float32)).to(dtype).float(), rtol=2e-2, atol=2e-2)
+    assert torch.allclose(layer.bias.grad.float(), g.float().sum(0), rtol=1e-2, atol=1e-2)
+
+
+def test_the_prepared_weight_follows_loads_copies_and_switches():
+    import copy
+    import pickle
+
+    from nf4lib.backends.cpu import native
+
+    a, b = nf4lib.NF4Linear.from_linear(nn.Linear(64, 32)), nf4lib.NF4Linear.from_linear(nn.Linear(64, 32))
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ya = a(x)
+        a.load_state_dict(b.state_dict())  # in place: the cached plan must not serve the old bytes
+        assert torch.equal(a(x), b(x)) and not torch.equal(a(x), ya)
+        twin = copy.deepcopy(a)
+        assert torch.equal(twin(x), a(x))
+        assert torch.equal(pickle.loads(pickle.dumps(a))(x), a(x))
+        with native.disabled():  # the switch reaches the fast path too
+            assert torch.allclose(a(x), b(x), rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ from ..core.checks import validate
 from ..core.records import QuantizedTensor
 from .library import check_linear_input, op_args
 
-__all__ = ["quantized_linear", "linear_parts"]
+__all__ = ["quantized_linear", "linear_parts", "no_grad_needed", "input_grad"]
 
 _op = torch.ops.nf4lib.quantized_linear.default
 _grad_op = torch.ops.nf4lib.quantized_linear_grad.default
@@ -180,7 +180,17 @@ class _LinearGrad(torch.autograd.Function):
         return _grad_op(g_t, packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs)
 
 
-def _no_grad_needed(x: Tensor, bias: Optional[Tensor]) -> bool:
+def input_grad(grad: Tensor, parts: dict) -> Tensor:
+    """``dL/dx = dL/dy @ W`` for a weight given as the op's named arguments, in grad's dtype;
+    differentiable again (see :class:`_LinearGrad`)."""
+    meta = (parts["out_features"], parts["in_features"], parts["blocksize"], parts.get("nested_blocksize"))
+    return _LinearGrad.apply(grad, parts["packed"], parts["absmax"], parts["quant_map"], parts.get("nested_absmax"),
+                             parts.get("nested_quant_map"), parts.get("nested_offset"), meta)
+
+
+def no_grad_needed(x: Tensor, bias: Optional[Tensor]) -> bool:
+    """True for a call that records nothing: plain tensors, no torch.func transform, and
+    grad mode off or nothing requiring a gradient."""
     if type(x) is not Tensor or (bias is not None and type(bias) not in (Tensor, torch.nn.Parameter)):
         return False  # subclasses (DTensor, functorch wrappers) keep the full dispatch
     if torch._C._are_functorch_transforms_active():
@@ -195,7 +205,7 @@ def linear_parts(x: Tensor, parts: dict, bias: Optional[Tensor]) -> Tensor:
         # Dynamo cannot trace an autograd.Function with a custom jvp; the op's own autograd
         # formula (the same one) serves compiled training.
         return _op(x, bias=bias, **parts)
-    if _no_grad_needed(x, bias):
+    if no_grad_needed(x, bias):
         # Inference: nothing to record, so skip the autograd layers (torch's Python
         # autograd wrapper binds the op's signature on every call: ~200 us of a batch-1
         # CPU call that otherwise takes ~40 us for a small weight).

@@ -244,9 +244,12 @@ class NF4Linear(nn.Linear):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             # nn.Linear raises here too; casting would silently truncate the result
             raise TypeError(f"NF4Linear expects a floating point input, got {getattr(x, 'dtype', type(x).__name__)}")
-        cd = self.compute_dtype
-        bias = None if self.bias is None else self.bias.to(cd)
-        return nf4_linear(x.to(cd), self.weight, bias).to(x.dtype)
+        w, bias = self.weight, self.bias
+        cd = w.dtype  # the compute dtype
+        if bias is not None and bias.dtype != cd:
+            bias = bias.to(cd)
+        y = nf4_linear(x if x.dtype == cd else x.to(cd), w, bias, cd)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         bits = bits_per_parameter(self._nf4().quantized)

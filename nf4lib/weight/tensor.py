@@ -48,7 +48,8 @@ from torch.utils._pytree import tree_map
 from ..core.codebooks import code_name as _code_name
 from ..formats.bnb import to_bnb
 from ..ops.library import check_linear_input, op_args
-from ..ops.linear import linear_parts
+from ..backends.cpu import kernels as cpu_kernels
+from ..ops.linear import input_grad, linear_parts
 from ..core.checks import check_finite, validate
 from ..ops.quantize import bits_per_parameter, dequantize, quantize
 from ..core.records import QuantizedTensor, scales_from_parts
@@ -353,9 +354,14 @@ def check_compute_dtype(dtype, what: str = "compute_dtype") -> torch.dtype:
     return dtype
 
 
-def nf4_linear(x: torch.Tensor, w: NF4Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def nf4_linear(x: torch.Tensor, w: NF4Tensor, bias: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for an (untransposed) NF4Tensor ``w``, as ``nn.Linear`` would:
-    ``x`` must be floating point and of ``w.dtype`` (the compute dtype)."""
+    ``x`` must be floating point and of ``w.dtype`` (the compute dtype; ``dtype``, when the
+    caller has read it already)."""
+    if type(x) is torch.Tensor and isinstance(w, NF4Tensor) and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
+        y = _planned_linear(x, w, bias, w.dtype if dtype is None else dtype)
+        if y is not None:
+            return y
     check_linear_input(x, w.shape[1], w.device, "F.linear with an NF4 weight")
     if x.dtype != w.dtype:
         raise RuntimeError(
@@ -363,6 +369,84 @@ def nf4_linear(x: torch.Tensor, w: NF4Tensor, bias: Optional[torch.Tensor]) -> t
             f"cast x (x.to({w.dtype})) or the weight's compute dtype (w.to({x.dtype}))"
         )
     return linear_parts(x, op_args(w.quantized), bias)
+
+
+# ---- the CPU fast path of small calls. A frozen weight's record is checked, and its native
+# GEMV arguments prepared, once; each call checks only x and the bias (a 256x256 layer at
+# batch 1 on a 2-core AVX2 EPYC: ~125 us a call through the op, see benchmarks/bench_linear.py).
+class _PlanSlot:
+    """Where a weight keeps its GEMV plan (in its ``__dict__``): copies and pickles of the
+    weight start without one (a plan holds raw pointers into this weight's buffers)."""
+
+    __slots__ = ("key", "plan")
+
+    def __init__(self, key=None, plan=None):
+        self.key, self.plan = key, plan
+
+    def __deepcopy__(self, memo):
+        return _PlanSlot()
+
+    def __reduce__(self):
+        return (_PlanSlot, ())
+
+
+def _plan_key(w: NF4Tensor) -> tuple:
+    # the buffers and their version counters: an in-place write (copy_, resize_, a load)
+    # or a new buffer makes a new plan
+    if w.nested_absmax is None:
+        return (id(w.packed), w.packed._version, id(w.absmax), w.absmax._version, id(w.quant_map), w.quant_map._version)
+    return tuple((id(t), t._version) for t in (w.packed, w.absmax, w.quant_map, w.nested_absmax, w.nested_quant_map,
+                                                w.nested_offset))
+
+
+def _gemv_plan(w: NF4Tensor):
+    key = _plan_key(w)
+    slot = w.__dict__.get("_gemv_plan")
+    if slot is not None and slot.key == key:
+        return slot.plan
+    plan = None
+    if w.packed.device.type == "cpu" and not w.qlayout.transposed and not w.packed.is_meta:
+        q = w.quantized
+        validate(q, "NF4 weight")
+        plan = cpu_kernels.gemv_plan(q)
+    w.__dict__["_gemv_plan"] = _PlanSlot(key, plan)
+    return plan
+
+
+def _planned_linear(x: torch.Tensor, w: NF4Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype):
+    """The GEMV through the weight's plan, or None where the op must run (a GPU, another
+    dtype, more rows, a bias subclass, a weight the native kernels cannot take)."""
+    if x.dtype != dtype or (bias is not None and type(bias) not in (torch.Tensor, torch.nn.Parameter)):
+        return None
+    plan = _gemv_plan(w)
+    if plan is None:
+        return None
+    if not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return cpu_kernels.planned_linear(x, plan, bias)
+    if not x.requires_grad:  # a trainable bias alone: y = (x @ W.T) + b, as the kernel adds it, in float32
+        y = cpu_kernels.planned_linear(x, plan, None, float32=True)
+        return None if y is None else (y + bias.float()).to(x.dtype)
+    if cpu_kernels.planned_linear_fits(x, plan, bias):
+        return _PlannedLinear.apply(x, bias, w, plan)
+    return None
+
+
+class _PlannedLinear(torch.autograd.Function):
+    """The planned GEMV with the op's gradients (``dL/dx = dL/dy @ W``, ``dL/db`` summed)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, w, plan):
+        ctx.w, ctx.x_dtype, ctx.has_bias = w, x.dtype, bias is not None
+        return cpu_kernels.planned_linear(x, plan, bias, checked=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = input_grad(grad, op_args(ctx.w.quantized)).to(ctx.x_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_bias, None, None
 
 
 _MM = {torch.mm, torch.Tensor.mm}

@@ -70,6 +70,41 @@ def native_usable(q, *others, in_kernel: bool = True) -> bool:
     return _native.usable(q.packed, q.code, *parts, *others, in_kernel=in_kernel)
 
 
+def gemv_plan(q):
+    """The native GEMV's prepared arguments for a validated 2-D record (a frozen weight
+    caches them), or None where the native kernels cannot take it."""
+    if q.numel == 0 or not native_usable(q, in_kernel=False):
+        return None
+    return _native.GemvPlan(q)
+
+
+_PLANNED_DTYPES = frozenset(FLOAT_DTYPES)
+
+
+def planned_linear_fits(x, plan, bias) -> bool:
+    """Whether :func:`planned_linear` serves these arguments (this runs on every small call:
+    each check is one attribute read)."""
+    in_f = plan.in_f
+    if not x.is_cpu or x.dtype not in _PLANNED_DTYPES or x.dim() == 0 or x.shape[-1] != in_f or not _native.active():
+        return False
+    if not 0 < x.numel() <= GEMV_MAX_ROWS * in_f:
+        return False
+    return bias is None or (bias.is_cpu and bias.dim() == 1 and bias.shape[0] == plan.out_f and bias.dtype in _PLANNED_DTYPES)
+
+
+def planned_linear(x, plan, bias, *, float32: bool = False, checked: bool = False):
+    """``x @ W.T + bias`` through a prepared GEMV, recording no gradient: the op's CPU
+    kernel without the per-call work a frozen weight need not repeat (its record, checks and
+    native arguments). None where the op must run instead (other shapes, dtypes, devices,
+    more than ``GEMV_MAX_ROWS`` rows). ``float32``: return the float32 sums (else x's
+    dtype); ``checked``: :func:`planned_linear_fits` already said yes."""
+    if not checked and not planned_linear_fits(x, plan, bias):
+        return None
+    y = torch.empty(*x.shape[:-1], plan.out_f, dtype=torch.float32)  # a fresh tensor, not a view
+    _native.planned_gemv(plan, x if x.dim() == 2 else x.reshape(-1, plan.in_f), x.dtype, bias, y)
+    return y if float32 or x.dtype == torch.float32 else y.to(x.dtype)
+
+
 @register_kernel("quantize", "cpu")
 def quantize(x, blocksize, code, thresholds, to_storage, scale, weights):
     if not _native.usable(x, weights, in_kernel=True):

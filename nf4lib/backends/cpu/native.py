@@ -329,6 +329,46 @@ def gemv(x: torch.Tensor, q, dtype: torch.dtype, bias: torch.Tensor | None, *, l
     return y
 
 
+class GemvPlan:
+    """A validated record's arguments to the native GEMV, prepared once: what a frozen
+    weight can cache so that a small call pays only for ``x`` (see ``kernels.planned_linear``)."""
+
+    __slots__ = ("out_f", "in_f", "bs", "packed", "scales", "code", "keep", "fixed")
+
+    def __init__(self, q):
+        self.out_f, self.in_f = q.shape
+        self.bs = q.blocksize
+        self.scales, keep = _scales_struct(q)
+        self.packed, self.code = q.packed.contiguous(), _code16(q)
+        self.keep = (keep, self.packed, self.code)  # the buffers the struct points into
+        # the weight's arguments, in the entry point's order (after x, x's dtype, len and m)
+        self.fixed = (self.out_f, self.in_f, _ptr(self.packed), self.packed.numel(), ctypes.byref(self.scales),
+                      _ptr(self.code), self.bs)
+
+
+def active() -> bool:
+    """True while the loaded library is enabled (not inside :func:`disabled`)."""
+    return not _state["off"] and _state["lib"] is not None
+
+
+def planned_gemv(plan: GemvPlan, x: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """:func:`gemv` with a prepared weight: ``y`` (float32, contiguous, ``m * out_f``) =
+    ``x @ W.T + bias`` for ``x`` ``(m, in_f)`` (any float dtype, any strides)."""
+    xf = x if x.dtype == torch.bfloat16 and dtype == torch.bfloat16 else x.float()
+    if not xf.is_contiguous():
+        xf = xf.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    rc = _state["lib"].nf4_gemv(
+        xf.data_ptr(), _CODES[xf.dtype], xf.numel(), xf.shape[0], *plan.fixed, _CODES[dtype],
+        None if bias is None else bias.data_ptr(), 0 if bias is None else bias.numel(), y.data_ptr(), y.numel(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        _refused(rc, "GEMV")
+        raise MemoryError("nf4lib: the native GEMV could not allocate its scratch buffer")
+
+
 def _search_tables(thresholds: torch.Tensor, storage: torch.Tensor | None):
     """The kernels' float32 thresholds and uint8 sorted-index -> stored-code map (identity for None)."""
     thr = thresholds.float().contiguous()
