@@ -3,7 +3,12 @@
 One run prints everything side by side with ratios, then its targets:
 dequantize and quantize throughput (Gelem/s and the fraction of this machine's
 measured copy bandwidth), ``quantized_linear`` at batch 1, 4, 16, 256 on 4096x4096 and
-on a Llama-7B MLP shape (11008x4096), bf16, NF4, blocksize 64.
+on a Llama-7B MLP shape (11008x4096), bf16, NF4, blocksize 64, and the per-call time of
+a small ``NF4Linear`` against ``nn.Linear``.
+
+Targets (on every CPU, AVX2 or AVX512-BF16): dequantize >= bitsandbytes and >= 50% of the
+copy-bandwidth limit; batch 1 >= 2x faster than dense bf16; batch 256 within 1.3x of dense
+bf16 and >= bitsandbytes; per-call time <= 2x ``nn.Linear``'s, with and without gradients.
 Timings are medians of rounds in which every library runs once (round-robin), so
 drifting background load on a shared machine falls on all of them alike.
 
@@ -55,6 +60,10 @@ def dequantize_section(gbs):
     w = torch.randn(4096, 4096, dtype=torch.bfloat16)
     q = nf4lib.quantize(w)
     fns = {"nf4lib native": lambda: nf4lib.dequantize(q), "nf4lib pure": pure(lambda: nf4lib.dequantize(q))}
+    # the kernel alone, into a buffer already touched: a fresh output's first-touch page
+    # faults (the OS zeroing 32 MiB) cost more than the decode on some machines
+    buf = torch.empty(n, dtype=torch.bfloat16).zero_()
+    fns["native, into a buffer"] = lambda: _native.decode_into(buf, q)
     bnb, bnb_f = bnb_functions()
     if bnb_f is not None:
         packed, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4")
@@ -137,6 +146,39 @@ def linear_section(out_f, in_f, batches):
     return out
 
 
+def per_call_section():
+    """Per-call overhead: NF4Linear vs nn.Linear on a 256x256 layer at batch 1 (fp32), without
+    and with gradients (a trainable bias; x requiring grad), round-robin."""
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(256, 256)
+    layer = nf4lib.NF4Linear.from_linear(dense)
+    x, xg = torch.randn(1, 256), torch.randn(1, 256, requires_grad=True)
+
+    def calls(fn, n=200):
+        def run():
+            for _ in range(n):
+                fn()
+        return run
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
+    fns = {
+        "nf4 no-grad": no_grad(calls(lambda: layer(x))), "dense no-grad": no_grad(calls(lambda: dense(x))),
+        "nf4 bias grad": calls(lambda: layer(x)), "dense bias grad": calls(lambda: dense(x)),
+        "nf4 x grad": calls(lambda: layer(xg)), "dense x grad": calls(lambda: dense(xg)),
+    }
+    us = {k: v[1] * 1e3 / 200 for k, v in interleaved_ms(fns, rounds=9, warmup=1).items()}
+    print("\nper call, NF4Linear vs nn.Linear, 256x256, batch 1, fp32 (median us a call)")
+    for mode in ("no-grad", "bias grad", "x grad"):
+        print(f"  {mode:<10} nf4lib {us['nf4 ' + mode]:7.1f}   dense {us['dense ' + mode]:7.1f}   "
+              f"ratio {us['nf4 ' + mode] / us['dense ' + mode]:.2f}x")
+    return us
+
+
 def main():
     header("native CPU kernels")
     print(f"native library: {_native.available()}, instruction set {_native.isa()} (supported: {', '.join(_native.supported_isas())})")
@@ -146,6 +188,7 @@ def main():
     quant, cold = quantize_section()
     lin = linear_section(4096, 4096, (1, 4, 16, 256))
     mlp = linear_section(11008, 4096, (1, 4, 16, 256))
+    calls = per_call_section()
 
     def check(ok, text):
         print(f"  [{'met' if ok else 'NOT met'}] {text}")
@@ -154,17 +197,24 @@ def main():
     native = 16.8e6 / deq["nf4lib native"][1] / 1e6
     if "bitsandbytes" in deq:
         r = deq["bitsandbytes"][1] / deq["nf4lib native"][1]
-        check(r >= 4, f"dequantize >= 4x bitsandbytes: {r:.1f}x")
-    check(native >= 0.25 * limit, f"dequantize >= 25% of the memory-bound limit: {native / limit:.0%}")
+        check(r >= 1, f"dequantize >= bitsandbytes: {r:.2f}x")
+    check(native >= 0.5 * limit, f"dequantize >= 50% of the memory-bound limit: {native / limit:.0%} "
+          f"(into a touched buffer: {16.8e6 / deq['native, into a buffer'][1] / 1e6 / limit:.0%})")
     for name, res in (("4096x4096", lin), ("11008x4096", mlp)):
         d = res[1]["dense bf16"] / res[1]["native"]
-        check(d > 1, f"{name} batch 1 faster than dense bf16 F.linear (aim 2x): {d:.2f}x")
+        check(d >= 2, f"{name} batch 1 >= 2x faster than dense bf16 F.linear: {d:.2f}x")
+        d = res[256]["native"] / res[256]["dense bf16"]
+        check(d <= 1.3, f"{name} batch 256 within 1.3x of dense bf16: {d:.2f}x the time")
         if "bnb" in res[1]:
-            b = res[1]["bnb"] / res[1]["native"]
-            check(b >= 8, f"{name} batch 1 >= 8x bitsandbytes: {b:.1f}x")
+            for batch in (1, 256):
+                b = res[batch]["bnb"] / res[batch]["native"]
+                check(b >= 1, f"{name} batch {batch} >= bitsandbytes: {b:.2f}x")
         for batch in (16, 256):
             p = res[batch]["pure"] / res[batch]["native"]
             check(p >= 0.95, f"{name} batch {batch} at least as fast as the pure path (5% noise allowed): {p:.2f}x")
+    for mode in ("no-grad", "bias grad", "x grad"):
+        r = calls["nf4 " + mode] / calls["dense " + mode]
+        check(r <= 2, f"NF4Linear per-call time <= 2x nn.Linear's ({mode}, 256x256): {r:.2f}x")
     if "bitsandbytes" in quant:
         r = quant["bitsandbytes"][1] / quant["nf4lib native"][1]
         check(r >= 10, f"quantize >= 10x bitsandbytes, no compile: {r:.1f}x")

@@ -8,6 +8,10 @@ LoRA (r=16 on all 7 projections), timed round-robin in one run:
 hidden 2048, 4 layers, intermediate 5504, vocab 32000, random weights; one sequence of 128
 tokens. Target: nf4lib's step at least as fast as bitsandbytes'.
 
+On a CPU without native bf16 matmul (AVX2 only) every bf16 GEMM of the step (LoRA, attention,
+the bf16 head) takes PyTorch's slow reference path, so a step takes tens of seconds; there use
+``--tokens 32 --rounds 1`` (about 5 minutes).
+
     python benchmarks/bench_qlora_step.py [--rounds 5] [--tokens 128]
 """
 
