@@ -71,6 +71,8 @@ def test_old_spellings_work_for_one_release_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="iterations= by keyword"):
         old = nf4lib.loftq_init(x, 4, 1)
     assert old.errors == nf4lib.loftq_init(x, 4, iterations=1).errors
+    with pytest.warns(DeprecationWarning, match="dtype= is deprecated.*factor_dtype="):
+        assert nf4lib.loftq_init(x, 4, iterations=1, dtype=torch.float64).lora_A.dtype == torch.float64
     with pytest.warns(DeprecationWarning, match="mode= is deprecated.*scale="):
         layer = nf4lib.QATLinear(nn.Linear(64, 64), mode="learned")
     assert layer.mode == "learned" and layer.scale is not None

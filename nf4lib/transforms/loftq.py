@@ -85,8 +85,9 @@ def loftq_init(
     code="nf4",
     double_quant: bool = False,
     scale: str = "absmax",
-    dtype: torch.dtype = torch.float32,
+    factor_dtype: torch.dtype = torch.float32,
     spec: Optional[QuantSpec] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> LoftQ:
     """Quantize a weight and initialise rank-``rank`` LoRA factors to absorb the error.
 
@@ -95,7 +96,8 @@ def loftq_init(
         rank: LoRA rank, ``1 <= rank <= min(out, in)``.
         iterations: alternations of quantize and SVD (LoftQ uses 1-5), at least 1.
         blocksize, code, double_quant, scale: as in :func:`nf4lib.quantize`.
-        dtype: dtype of the factors.
+        factor_dtype: dtype of the factors (``dtype`` elsewhere names a weight's source
+            dtype; ``dtype=`` here is the deprecated old name of this option).
         spec: the four settings as one :class:`nf4lib.QuantSpec` (then leave them unset).
 
     Returns:
@@ -107,6 +109,10 @@ def loftq_init(
         True
     """
     iterations = _positional_iterations(args, iterations, "loftq_init")
+    if dtype is not None:
+        warnings.warn("loftq_init: dtype= is deprecated and will be removed in the next release; use factor_dtype=",
+                      DeprecationWarning, stacklevel=2)
+        factor_dtype = dtype
     w = _weight_of(weight_or_layer)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(w.shape):
         raise ValueError(f"rank must be an int in [1, {min(w.shape)}] for a {tuple(w.shape)} weight, got {rank!r}")
@@ -131,7 +137,7 @@ def loftq_init(
         if best is None or err < best[0]:
             best = (err, q, a, b)
     _, q, a, b = best
-    return LoftQ(q, a.to(dtype), b.to(dtype), tuple(errors), plain)
+    return LoftQ(q, a.to(factor_dtype), b.to(factor_dtype), tuple(errors), plain)
 
 
 def loftq_convert(

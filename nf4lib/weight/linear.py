@@ -221,7 +221,8 @@ class NF4Linear(nn.Linear):
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        """The dtype the weight was quantized from (written to the checkpoint)."""
+        """The source dtype: the dtype the weight was quantized from (the record's ``dtype``,
+        written to the checkpoint); ``compute_dtype`` is the one the matmul runs in."""
         return self._nf4().qlayout.qdtype
 
     @property
