@@ -130,3 +130,32 @@ def llama_bases():
         bnb_cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
         out["bitsandbytes"] = transformers.AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb_cfg, dtype=torch.bfloat16)
     return out
+
+
+def torchao_int4_model(dense):
+    """``(model, None)``: a copy of ``dense`` with torchao's int4 weight-only linear layers
+    (``Int4WeightOnlyConfig``, group 64, all 7 projections and not the head), or ``(None,
+    reason)`` where torchao has no int4 weight-only path for this device (torchao 0.18's
+    packing formats need CUDA, XPU or the mslk package; its CPU layout is gone)."""
+    import copy
+
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    except ImportError as err:
+        return None, f"torchao not importable ({err})"
+    model = copy.deepcopy(dense)
+    x = torch.randn(1, model.config.hidden_size, dtype=torch.bfloat16)
+    errors = []
+    for fmt in ("plain", "plain_int32", "tile_packed_to_4d", "preshuffled"):
+        try:
+            probe = torch.nn.Sequential(torch.nn.Linear(model.config.hidden_size, 256, bias=False)).bfloat16()
+            quantize_(probe, Int4WeightOnlyConfig(group_size=64, int4_packing_format=fmt))
+            with torch.no_grad():
+                probe(x)
+        except Exception as err:  # noqa: BLE001 - each format says why it cannot run here
+            errors.append(f"{fmt}: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
+            continue
+        quantize_(model, Int4WeightOnlyConfig(group_size=64, int4_packing_format=fmt),
+                  filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+        return model, None
+    return None, "; ".join(errors)

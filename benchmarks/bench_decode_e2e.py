@@ -6,7 +6,9 @@ tokens. Settings, timed round-robin in one run (median tokens/s of the rounds):
 * dense bf16;
 * nf4lib (``nf4lib.convert``, NF4, blocksize 64, bf16 compute);
 * bitsandbytes 4-bit (``BitsAndBytesConfig(load_in_4bit=True, nf4, bf16 compute)``, its CPU
-  path as users get it, fast paths included), when importable.
+  path as users get it, fast paths included), when importable;
+* torchao int4 weight-only (``Int4WeightOnlyConfig``, group 64), where torchao has a path for
+  this device (the run says why not otherwise).
 
 Targets: nf4lib >= bitsandbytes' tokens/s and >= 2x dense bf16. The limit: a 4-bit weight is a
 quarter of a bf16 one's bytes, so at the machine's copy bandwidth a token needs about
@@ -22,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import cpu_flags, header, interleaved_ms, llama_bases  # noqa: E402
+from _util import cpu_flags, header, interleaved_ms, llama_bases, torchao_int4_model  # noqa: E402
 
 import nf4lib  # noqa: E402
 
@@ -35,6 +37,11 @@ def main():
     header("end-to-end decode (transformers generate, batch 1, greedy)")
     print(f"CPU: {cpu_flags()}; native ISA: {nf4lib.backends.cpu.native.isa()}")
     models = {k: m.eval() for k, m in llama_bases().items()}
+    ao, why = torchao_int4_model(models["dense bf16"])
+    if ao is None:
+        print(f"torchao int4 weight-only: not run on this CPU ({why})")
+    else:
+        models["torchao int4"] = ao.eval()
     ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(1))
 
     def generate(m):

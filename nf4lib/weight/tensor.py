@@ -427,7 +427,7 @@ def _planned_linear(x: torch.Tensor, w: NF4Tensor, bias: Optional[torch.Tensor],
         y = cpu_kernels.planned_linear(x, plan, None, float32=True)
         return None if y is None else (y + bias.float()).to(x.dtype)
     if cpu_kernels.planned_linear_fits(x, plan, bias):
-        return _PlannedLinear.apply(x, bias, w, plan)
+        return _apply_planned(x, bias, w, plan)
     return None
 
 
@@ -447,6 +447,15 @@ class _PlannedLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, grad_bias, None, None
+
+
+# autograd's C entry for this old-style Function (forward takes ctx): Function.apply's Python
+# wrapper only adds torch.func support, and this path runs outside torch.func transforms;
+# skipping it saves ~12 us of a ~60 us small call
+try:
+    _apply_planned = torch._C._FunctionBase.__dict__["apply"].__get__(None, _PlannedLinear)
+except (AttributeError, KeyError, TypeError):  # another PyTorch layout: the public wrapper
+    _apply_planned = _PlannedLinear.apply
 
 
 _MM = {torch.mm, torch.Tensor.mm}
