@@ -68,6 +68,22 @@ def header(title):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores")
 
 
+def model_bench_args(title: str, tokens: int):
+    """The whole-model benchmarks' command line (``--rounds``, ``--tokens``), after printing
+    their header and the CPU's instruction sets and native ISA."""
+    import argparse
+
+    import nf4lib
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=tokens)
+    args = ap.parse_args()
+    header(title)
+    print(f"CPU: {cpu_flags()}; native ISA: {nf4lib.backends.cpu.native.isa()}")
+    return args
+
+
 def torchao_nf4():
     """(to_nf4, linear_nf4) from whichever torchao layout is installed, or None."""
     for mod in ("torchao.dtypes.nf4tensor", "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"):

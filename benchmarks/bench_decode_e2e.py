@@ -17,25 +17,18 @@ quarter of a bf16 one's bytes, so at the machine's copy bandwidth a token needs 
     python benchmarks/bench_decode_e2e.py [--rounds 5] [--tokens 32]
 """
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import cpu_flags, header, interleaved_ms, llama_bases, torchao_int4_model  # noqa: E402
+from _util import interleaved_ms, llama_bases, model_bench_args, torchao_int4_model  # noqa: E402
 
-import nf4lib  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=32)
-    args = ap.parse_args()
-    header("end-to-end decode (transformers generate, batch 1, greedy)")
-    print(f"CPU: {cpu_flags()}; native ISA: {nf4lib.backends.cpu.native.isa()}")
+    args = model_bench_args("end-to-end decode (transformers generate, batch 1, greedy)", tokens=32)
     models = {k: m.eval() for k, m in llama_bases().items()}
     ao, why = torchao_int4_model(models["dense bf16"])
     if ao is None:

@@ -15,29 +15,22 @@ the bf16 head) takes PyTorch's slow reference path, so a step takes tens of seco
     python benchmarks/bench_qlora_step.py [--rounds 5] [--tokens 128]
 """
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _util import cpu_flags, header, interleaved_ms, llama_bases  # noqa: E402
+from _util import interleaved_ms, llama_bases, model_bench_args  # noqa: E402
 
-import nf4lib  # noqa: E402
 
 _PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=128)
-    args = ap.parse_args()
+    args = model_bench_args("QLoRA training step (forward + backward, LoRA r=16 on all 7 projections)", tokens=128)
     import peft
 
-    header("QLoRA training step (forward + backward, LoRA r=16 on all 7 projections)")
-    print(f"CPU: {cpu_flags()}; native ISA: {nf4lib.backends.cpu.native.isa()}")
     bases = llama_bases()
     models = {}
     for name, base in bases.items():

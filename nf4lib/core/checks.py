@@ -13,7 +13,7 @@ import torch
 from .records import DoubleQuantized, QuantizedTensor
 
 __all__ = [
-    "FLOAT_DTYPES", "SCALES", "check_blocksize", "check_flag", "check_scale", "check_float_input", "check_output_dtype",
+    "FLOAT_DTYPES", "SCALES", "check_pow2", "check_blocksize", "check_flag", "check_scale", "check_float_input", "check_output_dtype",
     "check_weights", "validate", "check_finite", "raise_not_finite", "transforms_active",
 ]
 
@@ -27,13 +27,14 @@ def transforms_active() -> bool:
     return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
-def _check_pow2(value, what: str, lo: int, hi: int, where: str) -> int:
+def check_pow2(value, what: str, lo: int, hi: int, where: str) -> int:
+    """``value`` is an int power of two in [lo, hi]; the error names ``where`` and ``what``."""
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi or value & (value - 1):
         raise ValueError(f"{where}: {what} must be an int power of two in [{lo}, {hi}], got {value!r}")
     return value
 
 
-def check_blocksize(blocksize, where: str = "blocksize") -> int:
+def check_blocksize(blocksize) -> int:
     """Elements per absmax block: an int power of two in [16, 65536] (bitsandbytes' range
     is 64..4096; other sizes are nf4lib's own)."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, int):
@@ -127,7 +128,7 @@ def validate(q: QuantizedTensor, where: str = "dequantize", *, check_dtype: bool
     shape = q.shape
     if not isinstance(shape, tuple) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
         raise ValueError(f"{where}: shape must be a tuple of non-negative ints, got {shape!r}")
-    _check_pow2(q.blocksize, "blocksize", 16, 65536, where)
+    check_pow2(q.blocksize, "blocksize", 16, 65536, where)
     if check_dtype and q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{where}: QuantizedTensor.dtype must be fp32/fp16/bf16, got {q.dtype!r}")
     if not isinstance(q.packed, torch.Tensor):
@@ -142,7 +143,7 @@ def validate(q: QuantizedTensor, where: str = "dequantize", *, check_dtype: bool
         raise ValueError(f"{where}: code is on {code.device} but packed is on {device}")
     a = q.absmax
     if isinstance(a, DoubleQuantized):
-        _check_pow2(a.blocksize, "the double-quant (nested) blocksize", 2, 65536, where)
+        check_pow2(a.blocksize, "the double-quant (nested) blocksize", 2, 65536, where)
         _check_tensor(a.codes, "double-quant codes", torch.uint8, q.n_blocks, device, where, q)
         _check_tensor(a.scales, "double-quant scales", torch.float32, -(-q.n_blocks // a.blocksize), device, where, q)
         _check_tensor(a.code, "the 8-bit map", torch.float32, 256, device, where, q)

@@ -13,6 +13,8 @@ import functools
 import numpy as np
 import torch
 
+from .checks import transforms_active
+
 __all__ = [
     "nf4_levels",
     "normal_float_levels",
@@ -206,7 +208,7 @@ def code_tables(code):
         if name not in CODE_NAMES:
             raise ValueError(f"unknown code {code!r}; expected one of {CODE_NAMES} or a tensor")
         return named_code(name), named_thresholds(name), named_to_storage(name), name != "fp4"
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if transforms_active():
         levels = code.detach().to(torch.float32)
         return (levels, *build_search_tables(levels), False)
     levels = resolve_code(code)  # validated: sorted, so storage order is sorted order

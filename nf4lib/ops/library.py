@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.checks import FLOAT_DTYPES, SCALES, validate
+from ..core.checks import FLOAT_DTYPES, SCALES, check_pow2, validate
 from ..core.records import QuantizedTensor, scales_from_parts
 
 __all__ = ["register_kernel", "op_args", "dequantize_args", "record_from_args", "check_linear_input", "OPS"]
@@ -105,8 +105,7 @@ def _check_quantize(x, blocksize, code, thresholds, to_storage, scale, weights) 
     where = "nf4lib::quantize"
     if x.dim() != 1 or x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{where}: x must be a 1-D float32/float16/bfloat16 tensor, got {x.dtype} {tuple(x.shape)}")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 16 <= blocksize <= 65536 or blocksize & (blocksize - 1):
-        raise ValueError(f"{where}: blocksize must be an int power of two in [16, 65536], got {blocksize!r}")
+    check_pow2(blocksize, "blocksize", 16, 65536, where)
     if scale not in SCALES:
         raise ValueError(f"{where}: scale must be one of {SCALES}, got {scale!r}")
     parts = {"code": (code, None), "thresholds": (thresholds, (15,)), "to_storage": (to_storage, (16,)), "weights": (weights, None)}

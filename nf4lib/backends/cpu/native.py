@@ -309,23 +309,8 @@ def decode_into(out: torch.Tensor, q, start: int = 0, stop: int | None = None, *
 def gemv(x: torch.Tensor, q, dtype: torch.dtype, bias: torch.Tensor | None, *, lib=None) -> torch.Tensor:
     """``x @ W.T + bias`` in float32, ``x`` ``(m, in_features)``, each weight rounded to
     ``dtype`` as ``dequantize(q).to(dtype)`` has it; returns float32 ``(m, out_features)``."""
-    lib = lib or _lib()
-    out_f, in_f = q.shape
-    # bf16 x with bf16 weights goes in as it is (the AVX512-BF16 kernel multiplies bf16
-    # pairs); anything else is widened to float32, exactly
-    xf = x.contiguous() if x.dtype == torch.bfloat16 and dtype == torch.bfloat16 else x.float().contiguous()
-    y = torch.empty(xf.shape[0], out_f, dtype=torch.float32)
-    b = None if bias is None else bias.float().contiguous()
-    scales, keep = _scales_struct(q)
-    packed, code = q.packed.contiguous(), _code16(q)
-    rc = lib.nf4_gemv(
-        _ptr(xf), _CODES[xf.dtype], xf.numel(), xf.shape[0], out_f, in_f, _ptr(packed), packed.numel(), ctypes.byref(scales), _ptr(code),
-        q.blocksize, _CODES[dtype], None if b is None else _ptr(b), 0 if b is None else b.numel(), _ptr(y), y.numel(), _threads(),
-    )
-    del keep
-    _refused(rc, "GEMV")
-    if rc != 0:
-        raise MemoryError("nf4lib: the native GEMV could not allocate its scratch buffer")
+    y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
+    planned_gemv(GemvPlan(q), x, dtype, bias, y, lib=lib)
     return y
 
 
@@ -351,15 +336,18 @@ def active() -> bool:
     return not _state["off"] and _state["lib"] is not None
 
 
-def planned_gemv(plan: GemvPlan, x: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+def planned_gemv(plan: GemvPlan, x: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None, y: torch.Tensor,
+                 *, lib=None) -> None:
     """:func:`gemv` with a prepared weight: ``y`` (float32, contiguous, ``m * out_f``) =
-    ``x @ W.T + bias`` for ``x`` ``(m, in_f)`` (any float dtype, any strides)."""
+    ``x @ W.T + bias`` for ``x`` ``(m, in_f)`` (any float dtype, any strides). bf16 x with
+    bf16 weights goes in as it is (the AVX512-BF16 kernel multiplies bf16 pairs); anything
+    else is widened to float32, exactly."""
     xf = x if x.dtype == torch.bfloat16 and dtype == torch.bfloat16 else x.float()
     if not xf.is_contiguous():
         xf = xf.contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.float().contiguous()
-    rc = _state["lib"].nf4_gemv(
+    rc = (lib or _state["lib"]).nf4_gemv(
         xf.data_ptr(), _CODES[xf.dtype], xf.numel(), xf.shape[0], *plan.fixed, _CODES[dtype],
         None if bias is None else bias.data_ptr(), 0 if bias is None else bias.numel(), y.data_ptr(), y.numel(),
         torch.get_num_threads(),
