@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import interleaved_ms, llama_bases, model_bench_args, torchao_int4_model  # noqa: E402
 
 
-
 def main():
     args = model_bench_args("end-to-end decode (transformers generate, batch 1, greedy)", tokens=32)
     models = {k: m.eval() for k, m in llama_bases().items()}
