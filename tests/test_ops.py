@@ -272,3 +272,14 @@ def test_xpu_and_cuda_fallback_without_triton(monkeypatch):
     assert rel_err(y, expected(x, q, None)) <= 1e-6
 
 
+
+
+def test_the_backward_op_maps_over_batched_weights():
+    # vmap over stacked weights: one call per weight, as for the forward op
+    qs = [nf4lib.quantize(torch.randn(16, 64)) for _ in range(3)]
+    packed = torch.stack([q.packed for q in qs])
+    absmax = torch.stack([q.absmax for q in qs])
+    g = torch.randn(3, 2, 16)
+    got = torch.func.vmap(lambda g, p, a: torch.ops.nf4lib.quantized_linear_grad.default(g, p, a, qs[0].code, 16, 64, 64))(g, packed, absmax)
+    want = torch.stack([g[i] @ nf4lib.dequantize(qs[i]) for i in range(3)])
+    assert rel_err(got, want) <= 1e-6

@@ -25,7 +25,7 @@ from torch import Tensor
 from ..core.checks import FLOAT_DTYPES, SCALES, check_pow2, validate
 from ..core.records import QuantizedTensor, scales_from_parts
 
-__all__ = ["register_kernel", "op_args", "dequantize_args", "record_from_args", "check_linear_input", "OPS"]
+__all__ = ["register_kernel", "op_args", "dequantize_args", "record_from_args", "check_linear_input", "map_each", "OPS"]
 
 _NESTED = "Tensor? nested_absmax=None, Tensor? nested_quant_map=None, Tensor? nested_offset=None, int? nested_blocksize=None"
 torch.library.define(
@@ -215,9 +215,10 @@ def _linear_grad_fake(grad, packed, absmax, quant_map, out_features, in_features
 
 
 # ----------------------------------------------------------------------------- vmap
-def _map_each(op, info, in_dims, args):
+def map_each(op, info, in_dims, args):
     """One op call per batch element, outputs stacked along dim 0: the batching rule of
-    quantize and dequantize (whose batched inputs are whole weights, not rows)."""
+    quantize and dequantize (whose batched inputs are whole weights, not rows), and of the
+    linear ops when a weight or bias is batched. ``args`` are the op's arguments in order."""
     dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
     outs = []
     for i in range(info.batch_size):
@@ -229,11 +230,11 @@ def _map_each(op, info, in_dims, args):
 
 @torch.library.register_vmap("nf4lib::quantize")
 def _quantize_vmap(info, in_dims, x, blocksize, code, thresholds, to_storage=None, scale="absmax", weights=None):
-    return _map_each(torch.ops.nf4lib.quantize.default, info, in_dims, (x, blocksize, code, thresholds, to_storage, scale, weights))
+    return map_each(torch.ops.nf4lib.quantize.default, info, in_dims, (x, blocksize, code, thresholds, to_storage, scale, weights))
 
 
 @torch.library.register_vmap("nf4lib::dequantize")
 def _dequantize_vmap(info, in_dims, packed, absmax, quant_map, shape, blocksize, dtype, nested_absmax=None,
                      nested_quant_map=None, nested_offset=None, nested_blocksize=None):
     args = (packed, absmax, quant_map, shape, blocksize, dtype, nested_absmax, nested_quant_map, nested_offset, nested_blocksize)
-    return _map_each(torch.ops.nf4lib.dequantize.default, info, in_dims, args)
+    return map_each(torch.ops.nf4lib.dequantize.default, info, in_dims, args)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..core.checks import validate
 from ..core.records import QuantizedTensor
-from .library import check_linear_input, op_args
+from .library import check_linear_input, map_each, op_args
 
 __all__ = ["quantized_linear", "linear_parts", "no_grad_needed", "input_grad"]
 
@@ -73,13 +73,7 @@ def _vmap(info, in_dims, x, packed, absmax, quant_map, out_f, in_f, bs=64, bias=
         x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
         return _op(x, packed, absmax, quant_map, out_f, in_f, bs, bias, n_abs, n_map, n_off, n_bs), 0
     # A batched weight or bias: one call per batch element.
-    args = (x, packed, absmax, quant_map, bias, n_abs, n_map, n_off)
-    dims = (x_dim, p_dim, a_dim, m_dim, b_dim, na_dim, nm_dim, no_dim)
-    outs = []
-    for i in range(info.batch_size):
-        a = [t if d is None or t is None else t.select(d, i) for t, d in zip(args, dims)]
-        outs.append(_op(a[0], a[1], a[2], a[3], out_f, in_f, bs, a[4], a[5], a[6], a[7], n_bs))
-    return torch.stack(outs), 0
+    return map_each(_op, info, in_dims, (x, packed, absmax, quant_map, out_f, in_f, bs, bias, n_abs, n_map, n_off, n_bs))
 
 
 # dL/dx = g @ W is linear in g: its own gradient is gg @ W.T, the forward op again (so
@@ -101,19 +95,14 @@ torch.library.register_autograd("nf4lib::quantized_linear_grad", _grad_backward,
 
 @torch.library.register_vmap("nf4lib::quantized_linear_grad")
 def _grad_vmap(info, in_dims, grad, packed, absmax, quant_map, out_f, in_f, bs=64, n_abs=None, n_map=None, n_off=None, n_bs=None):
-    dims = tuple(in_dims) + (None,) * (11 - len(in_dims))
-    g_dim, weight_dims = dims[0], (dims[1], dims[2], dims[3], dims[7], dims[8], dims[9])
-    if all(d is None for d in weight_dims):
+    args = (grad, packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs)
+    dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+    if all(d is None for d in dims[1:]):
         # only the gradient is batched: the op already maps over leading dims
+        g_dim = dims[0]
         grad = grad.movedim(g_dim, 0) if g_dim is not None else grad.expand(info.batch_size, *grad.shape)
-        return _grad_op(grad, packed, absmax, quant_map, out_f, in_f, bs, n_abs, n_map, n_off, n_bs), 0
-    args = (grad, packed, absmax, quant_map, n_abs, n_map, n_off)
-    adims = (g_dim,) + weight_dims[:3] + weight_dims[3:]
-    outs = []
-    for i in range(info.batch_size):
-        a = [v if d is None or v is None else v.select(d, i) for v, d in zip(args, adims)]
-        outs.append(_grad_op(a[0], a[1], a[2], a[3], out_f, in_f, bs, a[4], a[5], a[6], n_bs))
-    return torch.stack(outs), 0
+        return _grad_op(grad, *args[1:]), 0
+    return map_each(_grad_op, info, in_dims, args)
 
 
 class _Linear(torch.autograd.Function):
