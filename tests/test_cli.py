@@ -58,6 +58,7 @@ def test_report_default_model_is_the_packaged_minilm(capsys):
     assert "TOTAL (37 layers)" in out and "encoder.layer.5.output.dense.weight" in out
     assert "embeddings.word_embeddings.weight" not in out  # embeddings are not linear layers
     assert "SQNR over all quantized weights: nf4" in out
+    assert "at matched bits (4.500 bits/weight, blocksize 64): nf4" in out and "affine INT4" in out
 
 
 def test_report_json_and_csv_agree(transformers, capsys, llama_dir):
@@ -69,8 +70,13 @@ def test_report_json_and_csv_agree(transformers, capsys, llama_dir):
     assert len(names) == 14 and "lm_head.weight" not in names  # default exclude
     assert names.index("model.layers.0.mlp.down_proj.weight") < names.index("model.layers.1.mlp.down_proj.weight")
     tot = res["totals"]["settings"]
-    # NF4 beats INT4 and FP4 on (Gaussian-initialised) weights; DQ costs almost nothing.
-    assert tot["nf4"]["rel_l2"] < tot["int4"]["rel_l2"] < tot["fp4"]["rel_l2"]
+    # On (Gaussian-initialised) weights NF4 beats symmetric INT4 and FP4; DQ costs almost nothing.
+    assert tot["nf4"]["rel_l2"] < tot["int4-symmetric"]["rel_l2"] < tot["fp4"]["rel_l2"]
+    assert res["settings"] == ["nf4", "nf4+dq", "nf4-mse", "int4-affine", "int4-symmetric", "fp4"]  # torchao is a test dep
+    # At the same 4.5 bits, affine INT4 (bf16 scale + zero per 64) is slightly *better* than NF4 on
+    # Gaussian weights (20.9 vs 20.7 dB on N(0,1)); NF4 with searched scales beats both.
+    assert tot["int4-affine"]["bits_per_param"] == tot["nf4"]["bits_per_param"] == 4.5
+    assert tot["nf4"]["sqnr_db"] < tot["int4-affine"]["sqnr_db"] < tot["nf4-mse"]["sqnr_db"]
     assert abs(tot["nf4+dq"]["rel_l2"] - tot["nf4"]["rel_l2"]) < 1e-3
     assert tot["nf4+dq"]["bytes_after"] < tot["nf4"]["bytes_after"] < res["totals"]["bytes_before"] / 6
     # searched scales: same storage, lower error, on every layer
@@ -79,7 +85,7 @@ def test_report_json_and_csv_agree(transformers, capsys, llama_dir):
     assert all(r["settings"]["nf4-mse"]["mse"] < r["settings"]["nf4"]["mse"] for r in res["layers"])
     code, out, _ = run(capsys, "report", str(path / "model.safetensors"), "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert len(rows) == (14 + 1) * 5
+    assert len(rows) == (14 + 1) * 6
     total_nf4 = next(r for r in rows if r["layer"] == "TOTAL" and r["setting"] == "nf4")
     assert float(total_nf4["rel_l2"]) == pytest.approx(tot["nf4"]["rel_l2"])
 

@@ -10,16 +10,25 @@ accumulated in float64:
     rel_l2 = ||e|| / ||x||     sqnr_db = 10 log10(||x||^2 / ||e||^2)
     cosine = <x, x_hat> / (||x|| ||x_hat||)
 
+Settings are nf4lib's own (:class:`Setting`: a codebook, double quantization, a scale rule)
+and the affine INT4 baselines other libraries define (:class:`~nf4lib.tools.baselines.Affine`:
+torchao's min/max, HQQ), each with its exact stored bits per parameter, so that any comparison
+can be made at matched bits. Names parse: ``"nf4"``, ``"nf4+dq"``, ``"nf4-mse"``, ``"fp4"``,
+``"int4-symmetric"`` (absmax INT4, 15 levels: nf4lib's ``int4`` codebook), ``"int4-affine"``
+(torchao), ``"int4-hqq"`` (hqq).
+
 Example:
     >>> from nf4lib import analysis
-    >>> recs = analysis.compare_codebooks(torch.randn(1024, 1024))
-    >>> [(r["setting"], round(r["sqnr_db"], 1)) for r in recs]   # nf4 ~20.7 dB, int4 ~19.4 dB, ...
+    >>> recs = analysis.compare_codebooks(torch.randn(1024, 1024), ["nf4", "int4-affine"])
+    >>> [(r["setting"], r["bits_per_param"], round(r["sqnr_db"], 1)) for r in recs]
+    [('nf4', 4.5, 20.7), ('int4-affine', 4.5, 20.2)]
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple, Sequence
+import warnings
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -29,10 +38,15 @@ from ..weight.linear import is_conv1d
 from ..transforms.plan import DEFAULT_EXCLUDE, plan_modules
 from ..core.checks import check_blocksize
 from ..ops.quantize import bits_per_parameter, dequantize, quantize
+from .baselines import Affine
 
 __all__ = [
     "Setting",
+    "Affine",
     "DEFAULT_SETTINGS",
+    "default_settings",
+    "parse_settings",
+    "excess_kurtosis",
     "error_metrics",
     "compare_codebooks",
     "compare_tensors",
@@ -62,11 +76,21 @@ class Setting(NamedTuple):
             return normal_float_levels(4, symmetric=True)
         return self.code
 
+    def missing(self) -> Optional[str]:
+        """Always ``None``: nf4lib's own settings run everywhere (see :meth:`Affine.missing`)."""
+        return None
+
+    def reconstruct(self, x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, float]:
+        """``(dequantize(quantize(x)) as float32, bits_per_parameter)`` for this setting."""
+        q = quantize(x, blocksize=blocksize, code=self.levels(), double_quant=self.double_quant, scale=self.scale)
+        return dequantize(q, torch.float32), bits_per_parameter(q)
+
 
 DEFAULT_SETTINGS = (
     Setting("nf4"),
     Setting("nf4+dq", "nf4", True),
-    Setting("int4", "int4"),
+    # absmax INT4 with 15 evenly spaced levels: the weakest INT4, kept and labelled as such
+    Setting("int4-symmetric", "int4"),
     Setting("fp4", "fp4"),
     # The textbook quantiles Phi^-1((2i+1)/32), no exact zero (QLoRA's table has one).
     Setting("nf4-symmetric", "nf4-symmetric"),
@@ -142,53 +166,116 @@ def error_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict:
     return _metrics(_sums(x, x_hat))
 
 
-def _settings(settings) -> tuple[Setting, ...]:
+_AFFINE_NAMES = {"int4-affine": "minmax", "int4-hqq": "hqq"}
+
+
+def default_settings() -> tuple:
+    """:data:`DEFAULT_SETTINGS` plus affine INT4 (``"int4-affine"``) when torchao is installed:
+    the comparison at matched bits (both 4 + 32/blocksize bits per parameter)."""
+    affine = Affine("int4-affine")
+    return DEFAULT_SETTINGS + ((affine,) if affine.missing() is None else ())
+
+
+def parse_settings(settings) -> tuple:
+    """``Setting`` / ``Affine`` records from records or names (``"nf4"``, ``"nf4+dq"``,
+    ``"nf4-mse"``, ``"int4-mse+dq"``, ``"int4-symmetric"``, ``"int4-affine"``, ``"int4-hqq"``, ...)."""
+    if isinstance(settings, (str, Setting, Affine)):
+        raise TypeError(f"settings must be a sequence of settings, got the single setting {settings!r}: wrap it in a list")
     out = []
     for s in settings:
-        if isinstance(s, str):  # "nf4", "nf4+dq", "int4-mse", "nf4-mse+dq", ...
+        if isinstance(s, str) and s in _AFFINE_NAMES:
+            s = Affine(s, _AFFINE_NAMES[s])
+        elif isinstance(s, str):  # "nf4", "nf4+dq", "int4-mse", "nf4-mse+dq", "int4-symmetric", ...
             base = s.split("+")[0]
             mse = base.endswith("-mse")
-            s = Setting(s, base[:-4] if mse else base, s.endswith("+dq"), "mse" if mse else "absmax")
-        if not isinstance(s, Setting):
-            raise TypeError(f"settings must be Setting records or names like 'nf4' / 'nf4+dq', got {s!r}")
+            base = base[:-4] if mse else base
+            s = Setting(s, "int4" if base == "int4-symmetric" else base, s.endswith("+dq"), "mse" if mse else "absmax")
+        if not isinstance(s, (Setting, Affine)):
+            raise TypeError(f"settings must be Setting / Affine records or names like 'nf4', 'nf4+dq', "
+                            f"'int4-affine', got {s!r}")
         out.append(s)
     return tuple(out)
 
 
+def _available(settings) -> tuple:
+    """The settings that can run here; a note (a warning) for each one that cannot."""
+    out = []
+    for s in parse_settings(default_settings() if settings is None else settings):
+        why = s.missing()
+        if why is None:
+            out.append(s)
+        else:
+            warnings.warn(f"analysis: skipping {s.name}: {why}", stacklevel=3)
+    return tuple(out)
+
+
+def excess_kurtosis(x: torch.Tensor) -> float:
+    """Excess kurtosis ``E[(x - mean)^4] / var^2 - 3`` of all of ``x`` (0 for a normal
+    distribution; large for heavy tails), accumulated in float64."""
+    a = x.detach().reshape(-1)
+    n = max(a.numel(), 1)
+    mean = sum(float(a[s : s + _CHUNK].double().sum()) for s in range(0, a.numel(), _CHUNK)) / n
+    m2 = m4 = 0.0
+    for s in range(0, a.numel(), _CHUNK):
+        d = a[s : s + _CHUNK].double() - mean
+        d2 = d.square()
+        m2 += float(d2.sum())
+        m4 += float(d2.square().sum())
+    m2, m4 = m2 / n, m4 / n
+    return m4 / (m2 * m2) - 3.0 if m2 > 0 else 0.0
+
+
+def reconstructions(x: torch.Tensor, settings: Optional[Sequence] = None, blocksizes: Sequence[int] = (64,)):
+    """Yield ``(setting, blocksize, x_hat, bits_per_param)`` for every setting that can run
+    here (:func:`compare_codebooks`'s loop, for callers that measure something else)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    settings = _available(settings)
+    for bs in blocksizes:
+        check_blocksize(bs)
+    for bs in blocksizes:
+        for s in settings:
+            x_hat, bits = s.reconstruct(x, bs)
+            yield s, bs, x_hat, bits
+
+
 def compare_codebooks(
-    x: torch.Tensor, settings: Sequence = DEFAULT_SETTINGS, blocksizes: Sequence[int] = (64,)
+    x: torch.Tensor, settings: Optional[Sequence] = None, blocksizes: Sequence[int] = (64,)
 ) -> list[dict]:
     """Quantize ``x`` every way in ``settings`` x ``blocksizes``; one record per pair.
+
+    Args:
+        x: a floating point tensor.
+        settings: records or names (see :func:`parse_settings`); ``None``:
+            :func:`default_settings`. A baseline whose library is missing is skipped with a
+            warning, never an error.
+        blocksizes: block (group) sizes, powers of two.
 
     Returns:
         ``[{"setting", "blocksize", "double_quant", "bits_per_param", "numel", <metrics>}, ...]``
     """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    settings = _settings(settings)
-    for bs in blocksizes:
-        check_blocksize(bs)
     records = []
-    for bs in blocksizes:
-        for s in settings:
-            q = quantize(x, blocksize=bs, code=s.levels(), double_quant=s.double_quant, scale=s.scale)
-            rec = {"setting": s.name, "blocksize": bs, "double_quant": s.double_quant,
-                   "bits_per_param": bits_per_parameter(q), "numel": x.numel()}
-            rec.update(error_metrics(x, dequantize(q, torch.float32)))
-            records.append(rec)
+    for s, bs, x_hat, bits in reconstructions(x, settings, blocksizes):
+        rec = {"setting": s.name, "blocksize": bs, "double_quant": bool(getattr(s, "double_quant", False)),
+               "bits_per_param": bits, "numel": x.numel()}
+        rec.update(error_metrics(x, x_hat))
+        records.append(rec)
     return records
 
 
 def compare_tensors(
-    named: Iterable[tuple[str, torch.Tensor]], settings: Sequence = DEFAULT_SETTINGS, blocksizes: Sequence[int] = (64,)
+    named: Iterable[tuple[str, torch.Tensor]], settings: Optional[Sequence] = None, blocksizes: Sequence[int] = (64,)
 ) -> list[dict]:
     """:func:`compare_codebooks` over ``(name, tensor)`` pairs, one at a time (a generator
     of tensors read from disk keeps memory at one tensor). Records gain ``layer``,
-    ``shape`` and ``dtype``."""
+    ``shape``, ``dtype`` and the tensor's ``kurtosis`` (:func:`excess_kurtosis`)."""
+    settings = _available(settings)
     records = []
     for name, t in named:
+        head = {"layer": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                "kurtosis": excess_kurtosis(t)}
         for rec in compare_codebooks(t, settings, blocksizes):
-            records.append({"layer": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), **rec})
+            records.append({**head, **rec})
     return records
 
 
@@ -209,7 +296,7 @@ def linear_weights(model: nn.Module, exclude=DEFAULT_EXCLUDE) -> list[tuple[str,
 
 
 def compare_model(
-    model: nn.Module, settings: Sequence = DEFAULT_SETTINGS, blocksizes: Sequence[int] = (64,), *, exclude=DEFAULT_EXCLUDE
+    model: nn.Module, settings: Optional[Sequence] = None, blocksizes: Sequence[int] = (64,), *, exclude=DEFAULT_EXCLUDE
 ) -> list[dict]:
     """One record per (linear layer, setting, blocksize). The model is not modified.
 

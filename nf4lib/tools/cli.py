@@ -21,7 +21,9 @@ import sys
 # commands): ``--help``, ``--version`` and usage errors answer at once.
 from ..core.errors import CheckpointError
 
-REPORT_SETTINGS = ("nf4", "nf4+dq", "nf4-mse", "int4", "fp4")
+# nf4lib's settings, then the affine INT4 the rest of the field stores (torchao's, when installed)
+# beside the symmetric INT4 and FP4 codebooks
+REPORT_SETTINGS = ("nf4", "nf4+dq", "nf4-mse", "int4-affine", "int4-symmetric", "fp4")
 _METRICS = ("bits_per_param", "mse", "mae", "rel_l2", "sqnr_db", "max_abs", "cosine")
 
 
@@ -49,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nf4lib", description="NF4 quantization: error reports and checkpoint conversion.")
     p.add_argument("--version", action="version", version=f"nf4lib {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    r = sub.add_parser("report", help="per-layer 4-bit error (NF4, NF4+DQ, INT4, FP4) and memory")
+    r = sub.add_parser("report", help="per-layer 4-bit error (NF4, NF4+DQ, NF4-MSE, affine and symmetric INT4, FP4) "
+                       "and memory, at matched bits")
     r.add_argument("model", nargs="?", help="a Hugging Face model directory or a .safetensors file "
                    "(default: the packaged all-MiniLM-L6-v2, from the 'examples' extra)")
     r.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -151,8 +154,10 @@ def _default_model() -> str:
 def report(args) -> int:
     from ..transforms.convert import progress_bar
     from ..formats.safetensors import iter_tensors
-    from .analysis import compare_codebooks, summarize
+    from .analysis import compare_codebooks, parse_settings, summarize
 
+    settings = [x for x in parse_settings(REPORT_SETTINGS) if x.missing() is None]  # a missing baseline: a note
+    skipped = [x.missing() for x in parse_settings(REPORT_SETTINGS) if x.missing() is not None]
     path = args.model or _default_model()
     patterns = _exclude(args.exclude)
     files, tensors = _scan(path)
@@ -167,7 +172,7 @@ def report(args) -> int:
     for name, t in progress_bar(iter_tensors(files, chosen), total=len(layers), desc="nf4lib report", unit="tensor", show=args.progress):
         t = _as_quantizable(t)
         try:
-            recs = compare_codebooks(t, REPORT_SETTINGS, (args.blocksize,))
+            recs = compare_codebooks(t, settings, (args.blocksize,))
         except ValueError as e:  # NaN/Inf weights
             raise CheckpointError(f"{name}: {e}") from None
         before = t.numel() * t.element_size()
@@ -183,7 +188,8 @@ def report(args) -> int:
         after = sum(r["bytes_after"] for r in records if r["setting"] == tot["setting"])
         totals[tot["setting"]] = {**{k: tot[k] for k in _METRICS}, "bytes_after": after}
     layer_bytes = sum(r["bytes_before"] for r in rows)
-    result = {"model": os.fspath(path), "blocksize": args.blocksize, "exclude": patterns, "layers": rows,
+    result = {"model": os.fspath(path), "blocksize": args.blocksize, "exclude": patterns, "skipped": skipped,
+              "settings": [x.name for x in settings], "layers": rows,
               "totals": {"params": sum(r["params"] for r in rows), "bytes_before": layer_bytes, "settings": totals},
               "checkpoint": {"tensors": len(tensors), "quantized": len(rows), "bytes_kept": kept_bytes,
                              "bytes_before": layer_bytes + kept_bytes,
@@ -197,10 +203,25 @@ def _mib(b) -> str:
     return f"{b / 2**20:.2f}"
 
 
+def _matched_bits(res) -> str:
+    """One line: NF4 against the strongest INT4 at the same bits per parameter."""
+    t = res["totals"]["settings"]
+    nf4, bits = t["nf4"]["sqnr_db"], t["nf4"]["bits_per_param"]
+    if "int4-affine" not in t:
+        return (f"at {bits:.3f} bits/weight: nf4 {nf4:.2f} dB; affine INT4 not measured "
+                f"(torchao is not installed), symmetric INT4 {t['int4-symmetric']['sqnr_db']:.2f} dB is the weaker INT4")
+    aff = t["int4-affine"]["sqnr_db"]
+    who = "nf4" if nf4 > aff else "affine INT4"
+    return (f"at matched bits ({bits:.3f} bits/weight, blocksize {res['blocksize']}): nf4 {nf4:.2f} dB vs affine INT4 "
+            f"(torchao, bf16 scale + zero) {aff:.2f} dB: {who} is {abs(nf4 - aff):.2f} dB better; nf4-mse "
+            f"{t['nf4-mse']['sqnr_db']:.2f} dB, same bits")
+
+
 def _table(res) -> str:
-    s = REPORT_SETTINGS
+    s = res["settings"]
     w = max(24, max(len(r["layer"]) for r in res["layers"]) + 1)
-    head = f"{'layer':<{w}}{'shape':>14}{'params':>11}" + "".join(f"{x:>9}" for x in s) + f"{'MiB':>9}{'MiB nf4':>9}{'MiB dq':>9}"
+    cw = {x: max(9, len(x) + 2) for x in s}  # column widths
+    head = f"{'layer':<{w}}{'shape':>14}{'params':>11}" + "".join(f"{x:>{cw[x]}}" for x in s) + f"{'MiB':>9}{'MiB nf4':>9}{'MiB dq':>9}"
     lines = [
         f"nf4lib report: {res['model']}",
         f"blocksize {res['blocksize']}; error = relative L2 error ||W_hat - W|| / ||W|| in %, lower is better; "
@@ -209,7 +230,7 @@ def _table(res) -> str:
     ]
 
     def row(name, shape, params, before, sets):
-        return (f"{name:<{w}}{shape:>14}{params:>11,}" + "".join(f"{100 * sets[x]['rel_l2']:>9.2f}" for x in s)
+        return (f"{name:<{w}}{shape:>14}{params:>11,}" + "".join(f"{100 * sets[x]['rel_l2']:>{cw[x]}.2f}" for x in s)
                 + f"{_mib(before):>9}{_mib(sets['nf4']['bytes_after']):>9}{_mib(sets['nf4+dq']['bytes_after']):>9}")
 
     for r in res["layers"]:
@@ -219,7 +240,8 @@ def _table(res) -> str:
     sq = ", ".join(f"{x} {t['settings'][x]['sqnr_db']:.2f} dB" for x in s)
     c = res["checkpoint"]
     lines += [
-        "", f"SQNR over all quantized weights: {sq}",
+        "", f"SQNR over all quantized weights: {sq}", _matched_bits(res),
+        *(f"note: skipped {why}" for why in res["skipped"]),
         f"whole checkpoint ({c['tensors']} tensors, {c['tensors'] - c['quantized']} kept as they are, "
         f"{_mib(c['bytes_kept'])} MiB): {_mib(c['bytes_before'])} MiB -> "
         + ", ".join(f"{_mib(c['bytes_after'][x])} MiB ({x})" for x in ("nf4", "nf4+dq")),
