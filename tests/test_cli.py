@@ -90,6 +90,19 @@ def test_report_json_and_csv_agree(transformers, capsys, llama_dir):
     assert float(total_nf4["rel_l2"]) == pytest.approx(tot["nf4"]["rel_l2"])
 
 
+def test_report_without_torchao_notes_the_missing_baseline(transformers, capsys, llama_dir, monkeypatch):
+    from nf4lib.tools import baselines
+
+    def unavailable(method):
+        raise ImportError("No module named 'torchao'")
+
+    monkeypatch.setattr(baselines, "_primitives", unavailable)
+    code, out, _ = run(capsys, "report", str(llama_dir[0]))
+    assert code == 0 and "int4-affine" not in out.splitlines()[3]  # no column
+    assert "affine INT4 not measured (torchao is not installed)" in out
+    assert "note: skipped int4-affine needs the 'torchao' package" in out
+
+
 def test_report_exclude_and_blocksize(transformers, capsys, llama_dir):
     path, _, _ = llama_dir
     _, out, _ = run(capsys, "report", str(path), "--format", "json", "--exclude", "*.mlp.*", "--blocksize", "256")

@@ -342,7 +342,7 @@ def _mean_cosine(model, ref):
     return (emb * ref).sum(-1).mean().item()
 
 
-def test_minilm_embeddings_survive_nf4_and_beat_int4(minilm):
+def test_minilm_embeddings_survive_nf4_and_beat_symmetric_int4(minilm):
     ref = minilm.encode(SENTENCES, convert_to_tensor=True, normalize_embeddings=True)
     nf4 = nf4lib.convert(minilm)
     int4 = nf4lib.convert(minilm, code="int4")
