@@ -4,7 +4,7 @@ Without torch loaded, ``import nf4lib`` is cheap: the library (and torch with it
 the first use of any name below, so ``nf4lib --help`` answers without importing torch.
 With torch already loaded (a program that imported torch first) it loads at once, as any
 library would: NF4 weights are then allowed to ``torch.load(weights_only=True)`` from the
-start. Importing a submodule (``nf4lib.hf``, ``nf4lib.distributed``) loads what it needs.
+start. Importing a submodule (``nf4lib.hf``, ``nf4lib.distributed``, ``nf4lib.gptq``) loads what it needs.
 """
 
 import importlib
@@ -45,6 +45,7 @@ _HOME = {
     "save_quantized": "formats.checkpoint",
     "load_quantized": "formats.checkpoint",
     "analysis": None,
+    "gptq": None,
 }
 __all__ = list(_HOME)
 

@@ -1,0 +1,291 @@
+"""Calibrated conversion: GPTQ on the NF4 grid, layer by layer, checked on held-out data.
+
+:func:`calibrate` runs the model on calibration batches and quantizes its linear layers with
+:func:`~nf4lib.ops.gptq.gptq_quantize`, each layer seeing the outputs of the layers already
+quantized before it (transformer blocks in order: the batches' inputs to the first block are
+cached and pushed through each block twice, once to collect its layers' Hessians, once with
+its quantized layers to make the next block's inputs). Memory: one block's Hessians and one
+set of cached block inputs.
+
+GPTQ fits its calibration inputs; on inputs unlike them it can do worse than plain rounding.
+So part of the batches is held out, and per layer the candidate with the lowest output
+error on the held-out inputs is kept:
+
+    gptq      gptq_quantize(W, H_calibration)
+    rtn       quantize(W)                      (round to nearest, absmax scales)
+    rtn-mse   quantize(W, scale="mse")         (searched scales, the same bytes)
+
+    error(W_hat) = sum((X W^T - X W_hat^T)^2) = trace((W - W_hat) H_heldout (W - W_hat)^T)
+
+Every candidate is an ordinary NF4 record in bitsandbytes' layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ..core.spec import QuantSpec, settings
+from ..ops.gptq import gptq_quantize, input_hessian, layer_output_error
+from ..ops.quantize import dequantize, quantize
+from ..weight.linear import NF4Linear, check_compute_dtype, is_conv1d
+from .convert import progress_bar
+from .plan import DEFAULT_EXCLUDE, Exclude, plan_modules
+from .tree import replace_modules, run_hooks
+
+__all__ = ["calibrate", "Calibration"]
+
+
+class Calibration(NamedTuple):
+    """What :func:`calibrate` returns.
+
+    Attributes:
+        model: the new model (NF4Linear layers; the input model is not modified).
+        layers: one dict per quantized layer: ``layer``, ``choice`` (``"gptq"``, ``"rtn"`` or
+            ``"rtn-mse"``), ``heldout`` and ``calibration`` (each candidate's output error,
+            relative to ``rtn``'s, on that part of the data), and ``rows`` (input rows seen).
+    """
+
+    model: nn.Module
+    layers: list
+
+
+class _Stop(Exception):
+    pass
+
+
+def _call(model, batch, forward):
+    if forward is not None:
+        return forward(model, batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _set_main(args: list, kwargs: dict, value) -> None:
+    """Replace a block's main input (its first positional argument, or ``hidden_states``)."""
+    if args:
+        args[0] = value
+    elif "hidden_states" in kwargs:
+        kwargs["hidden_states"] = value
+    else:
+        raise ValueError("calibrate: cannot tell which argument of the model's blocks is the hidden state "
+                         "(neither a positional argument nor hidden_states=)")
+
+
+def _blocks(model: nn.Module, layer_ids: set) -> Optional[nn.ModuleList]:
+    """The model's sequence of blocks: the ModuleList holding the most layers to quantize."""
+    best, count = None, 0
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1:
+            n = sum(1 for c in m.modules() if id(c) in layer_ids)
+            if n > count:
+                best, count = m, n
+    return best
+
+
+class _Hessians:
+    """Forward pre-hooks adding each layer's ``X^T X`` to the calibration or the held-out sum."""
+
+    def __init__(self, layers: dict):
+        self.cal = {k: None for k in layers}
+        self.held = {k: None for k in layers}
+        self.rows = {k: 0 for k in layers}
+        self.heldout = False
+        self.handles = [m.register_forward_pre_hook(self._hook(k)) for k, m in layers.items()]
+
+    def _hook(self, key):
+        def add(module, args):
+            h = input_hessian(args[0])
+            sums = self.held if self.heldout else self.cal
+            sums[key] = h if sums[key] is None else sums[key].add_(h)
+            if not self.heldout:
+                self.rows[key] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
+        return add
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    return m.weight.detach().t() if is_conv1d(m) else m.weight.detach()
+
+
+def _choose(w, hc, hh, spec, gptq_kw) -> tuple:
+    plain = dataclasses.replace(spec, scale="absmax")
+    cands = {"rtn": quantize(w, spec=plain), "rtn-mse": quantize(w, spec=dataclasses.replace(spec, scale="mse"))}
+    if w.shape[1] % spec.blocksize == 0:
+        cands["gptq"] = gptq_quantize(w, hc, spec=spec, **gptq_kw)
+    w_hats = {k: dequantize(q, torch.float32) for k, q in cands.items()}
+    cal = {k: layer_output_error(w, v, hc) for k, v in w_hats.items()}
+    held = {k: layer_output_error(w, v, hh) for k, v in w_hats.items()} if hh is not None else None
+    score = held if held is not None else cal
+    if held is None and "gptq" in cands:
+        choice = "gptq"  # nothing held out: nothing to check GPTQ against
+    else:
+        choice = min(score, key=lambda k: (score[k], k != "rtn"))  # a tie keeps plain rounding
+    rel = lambda d: {k: v / d["rtn"] if d["rtn"] > 0 else 1.0 for k, v in d.items()}  # noqa: E731
+    return cands[choice], choice, rel(cal), (rel(held) if held is not None else None)
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    spec: Optional[QuantSpec] = None,
+    blocksize: int = 64,
+    code="nf4",
+    double_quant: bool = False,
+    scale: str = "absmax",
+    exclude: Exclude = DEFAULT_EXCLUDE,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_columns: int = 128,
+    holdout: float = 0.25,
+    forward: Optional[Callable] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+    progress: Optional[bool] = None,
+) -> Calibration:
+    """Convert ``model`` to NF4 with GPTQ, layer by layer, keeping GPTQ only where it helps.
+
+    Args:
+        model: a full-precision model (Llama-style and BERT-style transformers, or any module).
+            Not modified.
+        batches: calibration inputs, each a dict (``model(**batch)``), a tuple (``model(*batch)``)
+            or a tensor (``model(batch)``); or see ``forward``. At least one; with two or more, the
+            last ``holdout`` fraction (at least one batch) is held out.
+        spec, blocksize, code, double_quant, scale: the settings, as in :func:`nf4lib.convert`.
+        exclude: the layers to leave in full precision, as in :func:`nf4lib.convert`.
+        damp, act_order, block_columns: GPTQ's options (:func:`~nf4lib.ops.gptq.gptq_quantize`).
+        holdout: the fraction of batches held out to check each layer's choice; ``0``: GPTQ everywhere.
+        forward: ``forward(model, batch)`` to run a batch another way (e.g. a sentence-transformers model).
+        compute_dtype: the NF4 layers' compute dtype, as in :func:`nf4lib.convert`.
+        progress: a tqdm bar over the blocks; ``None``: on a terminal.
+
+    Returns:
+        A :class:`Calibration`: the new model, and per layer the choice and the errors.
+
+    Raises:
+        ValueError: no batches; NaN/Inf calibration inputs; a bad setting.
+
+    Example:
+        >>> batches = [tokenizer(t, return_tensors="pt") for t in texts]
+        >>> qmodel, report = nf4lib.gptq.calibrate(model, batches)
+        >>> sum(r["choice"] == "gptq" for r in report), len(report)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"calibrate expects an nn.Module, got {type(model).__name__}")
+    spec = settings(spec, "calibrate", blocksize=blocksize, code=code, double_quant=double_quant, scale=scale)
+    check_compute_dtype(compute_dtype)
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibrate needs at least one calibration batch; got none")
+    n_held = 0 if holdout == 0 or len(batches) < 2 else max(1, round(len(batches) * holdout))
+    cal_n = len(batches) - n_held
+    gptq_kw = dict(damp=damp, act_order=act_order, block_columns=block_columns)
+
+    candidates = plan_modules(model, exclude).layers  # id -> (name, module), in model order
+    work = replace_modules(model, {})  # new module objects over shared tensors: swapped into, never written
+    names = {name for name, _ in candidates.values()}
+    layers = {name: m for name, m in work.named_modules(remove_duplicate=False) if name in names}
+    order = [name for name, _ in candidates.values() if name in layers]
+    blocks = _blocks(work, {id(m) for m in layers.values()})
+    staged = []
+    if blocks is not None:
+        in_block = {id(c) for c in blocks.modules()}
+        for block in blocks:
+            ids = {id(c) for c in block.modules()}
+            staged.append((block, [n for n in order if id(layers[n]) in ids]))
+        rest = [n for n in order if id(layers[n]) not in in_block]
+    else:
+        rest = order
+    records, report = {}, []
+
+    def quantize_stage(names_here, hess):
+        for name in names_here:
+            m = layers[name]
+            w = _weight(m)
+            hc, hh = hess.cal[name], hess.held[name]
+            if hc is None:
+                raise ValueError(f"layer {name!r} saw no calibration input; exclude it or calibrate on inputs that reach it")
+            q, choice, cal, held = _choose(w, hc, hh, spec, gptq_kw)
+            records[name] = q
+            report.append({"layer": name, "choice": choice, "calibration": cal, "heldout": held, "rows": hess.rows[name]})
+            dense = dequantize(q, torch.float32).to(m.weight.dtype)  # later layers see this layer quantized
+            m.weight = nn.Parameter(dense.t().contiguous() if is_conv1d(m) else dense, requires_grad=False)
+
+    def run_model(names_here, first_block=None):
+        """The model on every batch (up to the first block, if given), collecting Hessians;
+        returns them and, with ``first_block``, the block's inputs per batch."""
+        hess, inputs = _Hessians({n: layers[n] for n in names_here}), []
+
+        def grab(module, args, kwargs):
+            inputs.append((list(args), dict(kwargs)))
+            raise _Stop
+
+        h = first_block.register_forward_pre_hook(grab, with_kwargs=True) if first_block is not None else None
+        try:
+            for i, b in enumerate(batches):
+                hess.heldout = i >= cal_n
+                try:
+                    _call(work, b, forward)
+                except _Stop:
+                    pass
+        finally:
+            hess.remove()
+            if h is not None:
+                h.remove()
+        if first_block is not None and len(inputs) != len(batches):
+            raise ValueError("calibrate: the model's first block did not run on every batch")
+        return hess, inputs
+
+    with torch.no_grad(), progress_bar(range(len(staged) + 2), total=len(staged) + 2, desc="nf4lib.calibrate",
+                                       unit="stage", show=progress) as bar:
+        inputs, after = [], rest
+        for k in bar:
+            if k == 0 and staged:  # the layers that run before the first block (their Hessians seen on the way)
+                hess, inputs = run_model(rest, staged[0][0])
+                before = [n for n in rest if hess.cal[n] is not None]
+                after = [n for n in rest if n not in before]
+                if before:
+                    quantize_stage(before, hess)
+                    _, inputs = run_model([], staged[0][0])  # the first block's inputs, after those layers
+            elif 0 < k <= len(staged):
+                block, names_here = staged[k - 1]
+                hess = _Hessians({n: layers[n] for n in names_here})
+                try:
+                    for i, (args, kwargs) in enumerate(inputs):
+                        hess.heldout = i >= cal_n
+                        block(*args, **kwargs)
+                finally:
+                    hess.remove()
+                quantize_stage(names_here, hess)
+                for args, kwargs in inputs:  # the next block's inputs, from the quantized block
+                    out = block(*args, **kwargs)
+                    _set_main(args, kwargs, out[0] if isinstance(out, (tuple, list)) else out)
+            elif k == len(staged) + 1 and after:  # the layers after the blocks (or all, without blocks)
+                hess, _ = run_model(after)
+                quantize_stage(after, hess)
+
+    converted = {}
+    by_weight = {}
+    for mid, (name, lin) in candidates.items():
+        if name not in records:
+            continue
+        twin = by_weight.get(id(lin.weight))
+        layer = NF4Linear.from_quantized(records[name], lin.bias, compute_dtype=compute_dtype)
+        if twin is not None:
+            layer.weight = twin.weight
+        by_weight.setdefault(id(lin.weight), layer)
+        converted[mid] = layer
+    if id(model) in converted:
+        return Calibration(converted[id(model)], report)
+    return Calibration(run_hooks("quantized", replace_modules(model, converted)), report)
