@@ -4,6 +4,7 @@ layer and keeps it only where it beats plain rounding on held-out data (``calibr
 ``nf4lib.transforms.calibrate``). The results are ordinary NF4 records in bitsandbytes' layout."""
 
 from .ops.gptq import gptq_quantize, input_hessian, layer_output_error
-from .transforms.calibrate import Calibration, calibrate
+from .transforms.calibrate import Calibration, calibrate, default_text, text_batches
 
-__all__ = ["gptq_quantize", "input_hessian", "layer_output_error", "calibrate", "Calibration"]
+__all__ = ["gptq_quantize", "input_hessian", "layer_output_error", "calibrate", "Calibration", "text_batches",
+           "default_text"]

@@ -383,3 +383,37 @@ def test_cli_default_exclude_is_converts(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     assert f"default: {', '.join(_plan.DEFAULT_EXCLUDE)})" in " ".join(capsys.readouterr().out.split())
+
+
+def test_quantize_calibrated_writes_a_directory_bitsandbytes_loads(transformers, bnb, capsys, llama_dir, tmp_path):
+    path, model, _ = llama_dir
+    ids = tmp_path / "ids.safetensors"
+    save_file({"input_ids": torch.randint(0, 128, (4, 16))}, str(ids))
+    out = tmp_path / "calibrated"
+    code, stdout, err = run(capsys, "quantize", str(path), str(out), "--calibrate", str(ids))
+    assert code == 0, err
+    assert "14 layers calibrated on 4 batches" in stdout and "held-out output error vs plain NF4" in stdout
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(loaded.model.layers[1].self_attn.o_proj.weight).__name__ == "Params4bit"
+    x = torch.randint(0, 128, (1, 8))
+    ref = model(x).logits.detach()
+    with torch.no_grad():
+        assert float((loaded(x).logits - ref).abs().mean()) < 0.1 * float(ref.abs().mean())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_quantize_calibrated_refuses_bad_input(transformers, capsys, llama_dir, tmp_path):
+    path, _, _ = llama_dir
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(2, 2)}, str(bad))
+    cases = [
+        ((str(path), str(tmp_path / "o1"), "--calibrate", str(bad)), "needs an integer 'input_ids' tensor"),
+        ((str(path), str(tmp_path / "o2"), "--calibrate", "default"), "needs IN's tokenizer"),
+        ((str(path), str(tmp_path / "o3"), "--calibrate", str(tmp_path / "missing.txt")), "not a readable UTF-8 text file"),
+        ((str(path), str(tmp_path / "o4.safetensors"), "--calibrate", "default"), "OUT is a model directory"),
+        ((str(path / "model.safetensors"), str(tmp_path / "o5"), "--calibrate", "default"), "IN to be a model directory"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, "quantize", *argv)
+        assert code == 2 and message in err, (argv, err)
+        assert not os.path.exists(argv[1])

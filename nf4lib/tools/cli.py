@@ -2,6 +2,7 @@
 
     nf4lib report [MODEL] [--format table|csv|json] [--blocksize N] [--exclude PATTERN ...]
     nf4lib quantize IN OUT [--exclude PATTERN ...] [--blocksize N] [--double-quant] [--code nf4|fp4]
+                           [--scale absmax|mse] [--calibrate FILE]
 
 Bad input (a missing or corrupt file, an unknown option) prints one line,
 ``nf4lib: error: ...``, and exits with status 2.
@@ -10,8 +11,6 @@ Bad input (a missing or corrupt file, an unknown option) prints one line,
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import signal
@@ -20,11 +19,11 @@ import sys
 # torch loads only when a command runs (the modules that need it are imported inside the
 # commands): ``--help``, ``--version`` and usage errors answer at once.
 from ..core.errors import CheckpointError
+from .report_format import METRICS as _METRICS, mib as _mib  # formatting only: no torch
 
 # nf4lib's settings, then the affine INT4 the rest of the field stores (torchao's, when installed)
 # beside the symmetric INT4 and FP4 codebooks
 REPORT_SETTINGS = ("nf4", "nf4+dq", "nf4-mse", "int4-affine", "int4-symmetric", "fp4")
-_METRICS = ("bits_per_param", "mse", "mae", "rel_l2", "sqnr_db", "max_abs", "cosine")
 
 
 class _UsageError(Exception):
@@ -66,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--scale", choices=("absmax", "mse"), default="absmax",
                    help="block scale: absmax (bitsandbytes' bytes exactly) or mse (searched per block to lower "
                         "the error; same format, 7-9x the time)")
+    q.add_argument("--calibrate", metavar="FILE",
+                   help="calibrate with GPTQ on FILE (a text file, 'default' for nf4lib's shipped text, or a "
+                        ".safetensors file holding input_ids): IN and OUT are model directories; layer by layer, "
+                        "GPTQ is kept only where it beats plain rounding on a held-out quarter of FILE")
     for cmd in (r, q):
         cmd.add_argument("--blocksize", type=_blocksize, default=64)
         cmd.add_argument("--exclude", action="append", metavar="PATTERN",
@@ -194,77 +197,21 @@ def report(args) -> int:
               "checkpoint": {"tensors": len(tensors), "quantized": len(rows), "bytes_kept": kept_bytes,
                              "bytes_before": layer_bytes + kept_bytes,
                              "bytes_after": {s: totals[s]["bytes_after"] + kept_bytes for s in totals}}}
-    out = {"table": _table, "csv": _csv, "json": lambda r: json.dumps(r, indent=1)}[args.format](result)
+    from .report_format import as_csv, as_table
+
+    out = {"table": as_table, "csv": as_csv, "json": lambda r: json.dumps(r, indent=1)}[args.format](result)
     sys.stdout.write(out if out.endswith("\n") else out + "\n")
     return 0
-
-
-def _mib(b) -> str:
-    return f"{b / 2**20:.2f}"
-
-
-def _matched_bits(res) -> str:
-    """One line: NF4 against the strongest INT4 at the same bits per parameter."""
-    t = res["totals"]["settings"]
-    nf4, bits = t["nf4"]["sqnr_db"], t["nf4"]["bits_per_param"]
-    if "int4-affine" not in t:
-        return (f"at {bits:.3f} bits/weight: nf4 {nf4:.2f} dB; affine INT4 not measured "
-                f"(torchao is not installed), symmetric INT4 {t['int4-symmetric']['sqnr_db']:.2f} dB is the weaker INT4")
-    aff = t["int4-affine"]["sqnr_db"]
-    who = "nf4" if nf4 > aff else "affine INT4"
-    return (f"at matched bits ({bits:.3f} bits/weight, blocksize {res['blocksize']}): nf4 {nf4:.2f} dB vs affine INT4 "
-            f"(torchao, bf16 scale + zero) {aff:.2f} dB: {who} is {abs(nf4 - aff):.2f} dB better; nf4-mse "
-            f"{t['nf4-mse']['sqnr_db']:.2f} dB, same bits")
-
-
-def _table(res) -> str:
-    s = res["settings"]
-    w = max(24, max(len(r["layer"]) for r in res["layers"]) + 1)
-    cw = {x: max(9, len(x) + 2) for x in s}  # column widths
-    head = f"{'layer':<{w}}{'shape':>14}{'params':>11}" + "".join(f"{x:>{cw[x]}}" for x in s) + f"{'MiB':>9}{'MiB nf4':>9}{'MiB dq':>9}"
-    lines = [
-        f"nf4lib report: {res['model']}",
-        f"blocksize {res['blocksize']}; error = relative L2 error ||W_hat - W|| / ||W|| in %, lower is better; "
-        f"excluded: {', '.join(res['exclude']) or 'nothing'}",
-        "", head, "-" * len(head),
-    ]
-
-    def row(name, shape, params, before, sets):
-        return (f"{name:<{w}}{shape:>14}{params:>11,}" + "".join(f"{100 * sets[x]['rel_l2']:>{cw[x]}.2f}" for x in s)
-                + f"{_mib(before):>9}{_mib(sets['nf4']['bytes_after']):>9}{_mib(sets['nf4+dq']['bytes_after']):>9}")
-
-    for r in res["layers"]:
-        lines.append(row(r["layer"], "x".join(map(str, r["shape"])), r["params"], r["bytes_before"], r["settings"]))
-    t = res["totals"]
-    lines += ["-" * len(head), row(f"TOTAL ({len(res['layers'])} layers)", "", t["params"], t["bytes_before"], t["settings"])]
-    sq = ", ".join(f"{x} {t['settings'][x]['sqnr_db']:.2f} dB" for x in s)
-    c = res["checkpoint"]
-    lines += [
-        "", f"SQNR over all quantized weights: {sq}", _matched_bits(res),
-        *(f"note: skipped {why}" for why in res["skipped"]),
-        f"whole checkpoint ({c['tensors']} tensors, {c['tensors'] - c['quantized']} kept as they are, "
-        f"{_mib(c['bytes_kept'])} MiB): {_mib(c['bytes_before'])} MiB -> "
-        + ", ".join(f"{_mib(c['bytes_after'][x])} MiB ({x})" for x in ("nf4", "nf4+dq")),
-    ]
-    return "\n".join(lines)
-
-
-def _csv(res) -> str:
-    buf = io.StringIO()
-    cols = ["layer", "shape", "params", "setting", "blocksize", *_METRICS, "bytes_before", "bytes_after"]
-    wr = csv.writer(buf, lineterminator="\n")
-    wr.writerow(cols)
-    for r in res["layers"] + [{"layer": "TOTAL", "shape": [], **res["totals"]}]:
-        for name, m in r["settings"].items():
-            wr.writerow([r["layer"], "x".join(map(str, r["shape"])), r["params"], name, res["blocksize"],
-                         *(m[k] for k in _METRICS), r["bytes_before"], m["bytes_after"]])
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- quantize
 
 
 def quantize_cmd(args) -> int:
+    if args.calibrate is not None:
+        from .calibrated import quantize_calibrated
+
+        return quantize_calibrated(args, _exclude(args.exclude))
     files, tensors = _scan(args.input)
     if not args.output.endswith(".safetensors"):
         return _quantize_to_directory(args, files, tensors)

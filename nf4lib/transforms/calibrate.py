@@ -23,6 +23,7 @@ Every candidate is an ordinary NF4 record in bitsandbytes' layout.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
@@ -36,7 +37,7 @@ from .convert import progress_bar
 from .plan import DEFAULT_EXCLUDE, Exclude, plan_modules
 from .tree import replace_modules, run_hooks
 
-__all__ = ["calibrate", "Calibration"]
+__all__ = ["calibrate", "Calibration", "text_batches", "default_text"]
 
 
 class Calibration(NamedTuple):
@@ -55,6 +56,31 @@ class Calibration(NamedTuple):
 
 class _Stop(Exception):
     pass
+
+
+def default_text() -> str:
+    """The calibration text shipped with nf4lib: ~1,600 words of varied English prose
+    (narrative, dialogue, instructions, science, news), written for nf4lib."""
+    return (pathlib.Path(__file__).resolve().parents[1] / "data" / "calibration.txt").read_text(encoding="utf-8")
+
+
+def text_batches(tokenizer, text: Optional[str] = None, *, max_length: int = 128) -> list:
+    """Calibration batches from text: one batch per paragraph (blank-line separated), each
+    ``tokenizer(paragraph, truncation=True, max_length=max_length, return_tensors="pt")``, so no
+    padding enters the Hessians. ``text=None``: :func:`default_text`.
+
+    Example:
+        >>> batches = text_batches(AutoTokenizer.from_pretrained(path), open("corpus.txt").read())
+    """
+    text = default_text() if text is None else text
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise ValueError("the calibration text is empty: give at least one paragraph")
+    return [dict(tokenizer(p, truncation=True, max_length=max_length, return_tensors="pt")) for p in paragraphs]
 
 
 def _call(model, batch, forward):

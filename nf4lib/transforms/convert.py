@@ -32,6 +32,7 @@ def convert(
     scale: str = "absmax",
     importance: Optional[Mapping[str, torch.Tensor]] = None,
     spec: Optional[QuantSpec] = None,
+    calibration=None,
 ) -> nn.Module:
     """Return a new model in which every ``nn.Linear`` (and transformers' ``Conv1D``, as in
     GPT-2, its weight transposed as bitsandbytes stores it) not excluded is an :class:`NF4Linear`.
@@ -63,6 +64,10 @@ def convert(
             from a calibration batch), so each search minimises that layer's output error.
         compute_dtype: dtype of the matmul; ``None`` keeps each layer's own dtype.
             fp32, fp16, bf16.
+        calibration: calibration batches (as :func:`nf4lib.gptq.calibrate` takes them, e.g.
+            ``nf4lib.gptq.text_batches(tokenizer)``): quantize with GPTQ, layer by layer, keeping it
+            per layer only where it beats plain rounding on a held-out quarter of the batches.
+            The same format; :func:`nf4lib.gptq.calibrate` has GPTQ's options and the per-layer report.
         progress: show a tqdm bar; ``None`` shows one for 32 layers or more (on a terminal).
 
     Raises:
@@ -87,6 +92,14 @@ def convert(
     importance = dict(importance or {})
     if importance and spec.scale != "mse":
         raise ValueError("importance weights apply only with scale='mse'")
+    if calibration is not None:
+        if importance:
+            raise ValueError("convert: give calibration or importance weights, not both (calibration uses the inputs' "
+                             "full second moments, which subsume the importance weights)")
+        from .calibrate import calibrate
+
+        return calibrate(model, calibration, spec=spec, exclude=exclude, compute_dtype=compute_dtype,
+                         progress=progress).model
 
     # 1. Plan on the input: which Linear modules become NF4.
     _check_already_converted(model, spec)
