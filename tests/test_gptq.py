@@ -145,13 +145,14 @@ def test_calibrate_quantizes_every_layer_in_order_and_beats_rtn_on_held_out_data
     before = {k: v.clone() for k, v in net.state_dict().items()}
     mix = torch.randn(64, 64) * 0.5
     data = [torch.randn(64, 64) @ mix for _ in range(8)]
-    qmodel, report = calibrate(net, data[:6], holdout=1 / 3, progress=False)
+    qmodel, report = calibrate(net, data[:6], holdout=1 / 3, damp=(0.01, 0.1), progress=False)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # input untouched
     names = [r["layer"] for r in report]
     assert names == ["inp"] + [f"blocks.{i}.{n}" for i in range(3) for n in ("up", "down")]  # in the order they run
     assert isinstance(qmodel.blocks[0].up, nf4lib.NF4Linear) and isinstance(qmodel.inp, nf4lib.NF4Linear)
     assert type(qmodel.lm_head) is nn.Linear  # excluded as in convert
     assert all(r["choice"] in ("gptq", "rtn", "rtn-mse") and r["heldout"] is not None for r in report)
+    assert all((r["damp"] in (0.01, 0.1)) == (r["choice"] == "gptq") for r in report)  # the held-out damping
     chosen = [r["heldout"][r["choice"]] for r in report]
     assert all(c <= min(r["heldout"].values()) for c, r in zip(chosen, report))  # the held-out winner
     test = torch.cat(data[6:])

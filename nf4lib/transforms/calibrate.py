@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..core.spec import QuantSpec, settings
-from ..ops.gptq import gptq_quantize, input_hessian, layer_output_error
+from ..ops.gptq import gptq_quantize, layer_output_error
 from ..ops.quantize import dequantize, quantize
 from ..weight.linear import NF4Linear, check_compute_dtype, is_conv1d
 from .convert import progress_bar
@@ -46,7 +46,7 @@ class Calibration(NamedTuple):
     Attributes:
         model: the new model (NF4Linear layers; the input model is not modified).
         layers: one dict per quantized layer: ``layer``, ``choice`` (``"gptq"``, ``"rtn"`` or
-            ``"rtn-mse"``), ``heldout`` and ``calibration`` (each candidate's output error,
+            ``"rtn-mse"``), ``damp`` (GPTQ's, when chosen), ``heldout`` and ``calibration`` (each candidate's output error,
             relative to ``rtn``'s, on that part of the data), and ``rows`` (input rows seen).
     """
 
@@ -123,13 +123,20 @@ class _Hessians:
         self.held = {k: None for k in layers}
         self.rows = {k: 0 for k in layers}
         self.heldout = False
+        self._last = None
         self.handles = [m.register_forward_pre_hook(self._hook(k)) for k, m in layers.items()]
 
     def _hook(self, key):
         def add(module, args):
-            h = input_hessian(args[0])
+            x = args[0]
+            if self._last is None or self._last[0] is not x:  # q, k, v (gate, up) share one input: one product
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                if not bool(torch.isfinite(flat).all()):
+                    raise ValueError(f"calibration inputs hold {int((~torch.isfinite(flat)).sum())} NaN/Inf value(s)")
+                self._last = (x, (flat.t() @ flat).double())  # float32 per batch, summed in float64
+            h = self._last[1]
             sums = self.held if self.heldout else self.cal
-            sums[key] = h if sums[key] is None else sums[key].add_(h)
+            sums[key] = h.clone() if sums[key] is None else sums[key].add_(h)
             if not self.heldout:
                 self.rows[key] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
         return add
@@ -143,21 +150,34 @@ def _weight(m: nn.Module) -> torch.Tensor:
     return m.weight.detach().t() if is_conv1d(m) else m.weight.detach()
 
 
-def _choose(w, hc, hh, spec, gptq_kw) -> tuple:
+def _choose(w, hc, hh, spec, damps, gptq_kw) -> tuple:
+    """(record, choice, damp or None, errors on the calibration part, on the held-out part)."""
     plain = dataclasses.replace(spec, scale="absmax")
     cands = {"rtn": quantize(w, spec=plain), "rtn-mse": quantize(w, spec=dataclasses.replace(spec, scale="mse"))}
     if w.shape[1] % spec.blocksize == 0:
-        cands["gptq"] = gptq_quantize(w, hc, spec=spec, **gptq_kw)
+        for d in damps:
+            cands[("gptq", d)] = gptq_quantize(w, hc, spec=spec, damp=d, **gptq_kw)
     w_hats = {k: dequantize(q, torch.float32) for k, q in cands.items()}
-    cal = {k: layer_output_error(w, v, hc) for k, v in w_hats.items()}
-    held = {k: layer_output_error(w, v, hh) for k, v in w_hats.items()} if hh is not None else None
-    score = held if held is not None else cal
-    if held is None and "gptq" in cands:
-        choice = "gptq"  # nothing held out: nothing to check GPTQ against
+    f32 = torch.float32  # for choosing: half the time of float64, ample precision for a comparison
+    cal = {k: layer_output_error(w, v, hc, dtype=f32) for k, v in w_hats.items()}
+    held = {k: layer_output_error(w, v, hh, dtype=f32) for k, v in w_hats.items()} if hh is not None else None
+    gptqs = [k for k in cands if isinstance(k, tuple)]
+    if held is None:
+        # nothing held out: nothing to check GPTQ against (the first damping given)
+        choice = gptqs[0] if gptqs else min(cal, key=lambda k: (cal[k], k != "rtn"))
     else:
-        choice = min(score, key=lambda k: (score[k], k != "rtn"))  # a tie keeps plain rounding
-    rel = lambda d: {k: v / d["rtn"] if d["rtn"] > 0 else 1.0 for k, v in d.items()}  # noqa: E731
-    return cands[choice], choice, rel(cal), (rel(held) if held is not None else None)
+        choice = min(held, key=lambda k: (held[k], k != "rtn"))  # a tie keeps plain rounding
+    best = min(gptqs, key=lambda k: (held or cal)[k]) if gptqs else None
+
+    def rel(d):  # the best GPTQ damping's error stands for "gptq"
+        keep = {k: v for k, v in d.items() if not isinstance(k, tuple)}
+        if best is not None:
+            keep["gptq"] = d[best]
+        return {k: v / keep["rtn"] if keep["rtn"] > 0 else 1.0 for k, v in keep.items()}
+
+    damp = choice[1] if isinstance(choice, tuple) else None
+    name = "gptq" if isinstance(choice, tuple) else choice
+    return cands[choice], name, damp, rel(cal), (rel(held) if held is not None else None)
 
 
 def calibrate(
@@ -170,7 +190,7 @@ def calibrate(
     double_quant: bool = False,
     scale: str = "absmax",
     exclude: Exclude = DEFAULT_EXCLUDE,
-    damp: float = 0.01,
+    damp=0.1,
     act_order: bool = False,
     block_columns: int = 128,
     holdout: float = 0.25,
@@ -188,7 +208,11 @@ def calibrate(
             last ``holdout`` fraction (at least one batch) is held out.
         spec, blocksize, code, double_quant, scale: the settings, as in :func:`nf4lib.convert`.
         exclude: the layers to leave in full precision, as in :func:`nf4lib.convert`.
-        damp, act_order, block_columns: GPTQ's options (:func:`~nf4lib.ops.gptq.gptq_quantize`).
+        damp: GPTQ's damping (a fraction of the Hessian's mean diagonal), or several to try per
+            layer, the held-out part choosing. The default, 0.1, is ten times the paper's 1%: with
+            a few thousand calibration tokens, or calibration text unlike the data the model will
+            see, 1% fits the calibration data too closely (see ``notebooks/04_gptq_nf4_minilm.ipynb``).
+        act_order, block_columns: GPTQ's options (:func:`~nf4lib.ops.gptq.gptq_quantize`).
         holdout: the fraction of batches held out to check each layer's choice; ``0``: GPTQ everywhere.
         forward: ``forward(model, batch)`` to run a batch another way (e.g. a sentence-transformers model).
         compute_dtype: the NF4 layers' compute dtype, as in :func:`nf4lib.convert`.
@@ -216,7 +240,10 @@ def calibrate(
         raise ValueError("calibrate needs at least one calibration batch; got none")
     n_held = 0 if holdout == 0 or len(batches) < 2 else max(1, round(len(batches) * holdout))
     cal_n = len(batches) - n_held
-    gptq_kw = dict(damp=damp, act_order=act_order, block_columns=block_columns)
+    damps = tuple(damp) if isinstance(damp, (tuple, list)) else (damp,)
+    if not damps:
+        raise ValueError("damp must be a number or a non-empty sequence of numbers")
+    gptq_kw = dict(act_order=act_order, block_columns=block_columns)
 
     candidates = plan_modules(model, exclude).layers  # id -> (name, module), in model order
     work = replace_modules(model, {})  # new module objects over shared tensors: swapped into, never written
@@ -242,9 +269,10 @@ def calibrate(
             hc, hh = hess.cal[name], hess.held[name]
             if hc is None:
                 raise ValueError(f"layer {name!r} saw no calibration input; exclude it or calibrate on inputs that reach it")
-            q, choice, cal, held = _choose(w, hc, hh, spec, gptq_kw)
+            q, choice, d, cal, held = _choose(w, hc, hh, spec, damps, gptq_kw)
             records[name] = q
-            report.append({"layer": name, "choice": choice, "calibration": cal, "heldout": held, "rows": hess.rows[name]})
+            report.append({"layer": name, "choice": choice, "damp": d, "calibration": cal, "heldout": held,
+                           "rows": hess.rows[name]})
             dense = dequantize(q, torch.float32).to(m.weight.dtype)  # later layers see this layer quantized
             m.weight = nn.Parameter(dense.t().contiguous() if is_conv1d(m) else dense, requires_grad=False)
 
