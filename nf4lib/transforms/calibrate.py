@@ -46,8 +46,10 @@ class Calibration(NamedTuple):
     Attributes:
         model: the new model (NF4Linear layers; the input model is not modified).
         layers: one dict per quantized layer: ``layer``, ``choice`` (``"gptq"``, ``"rtn"`` or
-            ``"rtn-mse"``), ``damp`` (GPTQ's, when chosen), ``heldout`` and ``calibration`` (each candidate's output error,
-            relative to ``rtn``'s, on that part of the data), and ``rows`` (input rows seen).
+            ``"rtn-mse"``), ``damp`` (GPTQ's, when chosen), ``heldout`` (each candidate's output error on
+            the held-out part, relative to ``rtn``'s; ``None`` without one), ``calibration`` (the same on
+            the calibration part, measured only when nothing is held out), and ``rows`` (calibration
+            input rows seen).
     """
 
     model: nn.Module
@@ -115,13 +117,43 @@ def _blocks(model: nn.Module, layer_ids: set) -> Optional[nn.ModuleList]:
     return best
 
 
+class _Part:
+    """One part of the data (calibration or held out) as one layer saw it: ``X^T X`` (float64,
+    when needed) and, while there are no more rows than inputs, the rows themselves, since
+    ``||E X^T||^2`` then costs less than ``trace(E H E^T)``."""
+
+    def __init__(self, need_h: bool):
+        self.need_h, self.h, self.rows, self.n = need_h, None, [], 0
+
+    def add(self, flat: torch.Tensor, cache: list) -> None:
+        self.n += flat.shape[0]
+        if self.rows is not None:
+            self.rows.append(flat)
+            if self.n > flat.shape[1]:  # more rows than inputs: the Hessian is the cheaper form
+                if not self.need_h:
+                    self.h = sum((r.t() @ r).double() for r in self.rows)
+                self.rows = None
+                self.need_h = True
+                return
+        if self.need_h:
+            if cache[2] is None:
+                cache[2] = (flat.t() @ flat).double()  # float32 per batch, summed in float64
+            self.h = cache[2].clone() if self.h is None else self.h.add_(cache[2])
+
+    def error(self, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+        """``sum((X W^T - X W_hat^T)^2)`` over this part's rows (float32: for comparisons)."""
+        e = (w.float() - w_hat.float())
+        if self.rows is not None:
+            return float(sum(float((r @ e.t()).square().sum(dtype=torch.float64)) for r in self.rows))
+        return layer_output_error(w, w_hat, self.h, dtype=torch.float32)
+
+
 class _Hessians:
-    """Forward pre-hooks adding each layer's ``X^T X`` to the calibration or the held-out sum."""
+    """Forward pre-hooks adding each layer's inputs to its calibration or held-out :class:`_Part`."""
 
     def __init__(self, layers: dict):
-        self.cal = {k: None for k in layers}
-        self.held = {k: None for k in layers}
-        self.rows = {k: 0 for k in layers}
+        self.cal = {k: _Part(need_h=True) for k in layers}
+        self.held = {k: _Part(need_h=False) for k in layers}
         self.heldout = False
         self._last = None
         self.handles = [m.register_forward_pre_hook(self._hook(k)) for k, m in layers.items()]
@@ -130,15 +162,11 @@ class _Hessians:
         def add(module, args):
             x = args[0]
             if self._last is None or self._last[0] is not x:  # q, k, v (gate, up) share one input: one product
-                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                flat = x.detach().reshape(-1, x.shape[-1]).float().clone()  # kept: never a view of an activation
                 if not bool(torch.isfinite(flat).all()):
                     raise ValueError(f"calibration inputs hold {int((~torch.isfinite(flat)).sum())} NaN/Inf value(s)")
-                self._last = (x, (flat.t() @ flat).double())  # float32 per batch, summed in float64
-            h = self._last[1]
-            sums = self.held if self.heldout else self.cal
-            sums[key] = h.clone() if sums[key] is None else sums[key].add_(h)
-            if not self.heldout:
-                self.rows[key] += args[0].reshape(-1, args[0].shape[-1]).shape[0]
+                self._last = [x, flat, None]
+            (self.held if self.heldout else self.cal)[key].add(self._last[1], self._last)
         return add
 
     def remove(self):
@@ -150,17 +178,18 @@ def _weight(m: nn.Module) -> torch.Tensor:
     return m.weight.detach().t() if is_conv1d(m) else m.weight.detach()
 
 
-def _choose(w, hc, hh, spec, damps, gptq_kw) -> tuple:
+def _choose(w, cal_part, held_part, spec, damps, gptq_kw) -> tuple:
     """(record, choice, damp or None, errors on the calibration part, on the held-out part)."""
     plain = dataclasses.replace(spec, scale="absmax")
     cands = {"rtn": quantize(w, spec=plain), "rtn-mse": quantize(w, spec=dataclasses.replace(spec, scale="mse"))}
     if w.shape[1] % spec.blocksize == 0:
         for d in damps:
-            cands[("gptq", d)] = gptq_quantize(w, hc, spec=spec, damp=d, **gptq_kw)
+            cands[("gptq", d)] = gptq_quantize(w, cal_part.h, spec=spec, damp=d, **gptq_kw)
     w_hats = {k: dequantize(q, torch.float32) for k, q in cands.items()}
-    f32 = torch.float32  # for choosing: half the time of float64, ample precision for a comparison
-    cal = {k: layer_output_error(w, v, hc, dtype=f32) for k, v in w_hats.items()}
-    held = {k: layer_output_error(w, v, hh, dtype=f32) for k, v in w_hats.items()} if hh is not None else None
+    held = {k: held_part.error(w, v) for k, v in w_hats.items()} if held_part.n else None
+    # on the calibration part only without a held-out part (to choose among the RTN candidates):
+    # at 1B scale these products cost as much as GPTQ itself, and GPTQ wins there by construction
+    cal = {k: cal_part.error(w, v) for k, v in w_hats.items()} if held is None else None
     gptqs = [k for k in cands if isinstance(k, tuple)]
     if held is None:
         # nothing held out: nothing to check GPTQ against (the first damping given)
@@ -170,6 +199,8 @@ def _choose(w, hc, hh, spec, damps, gptq_kw) -> tuple:
     best = min(gptqs, key=lambda k: (held or cal)[k]) if gptqs else None
 
     def rel(d):  # the best GPTQ damping's error stands for "gptq"
+        if d is None:
+            return None
         keep = {k: v for k, v in d.items() if not isinstance(k, tuple)}
         if best is not None:
             keep["gptq"] = d[best]
@@ -177,7 +208,7 @@ def _choose(w, hc, hh, spec, damps, gptq_kw) -> tuple:
 
     damp = choice[1] if isinstance(choice, tuple) else None
     name = "gptq" if isinstance(choice, tuple) else choice
-    return cands[choice], name, damp, rel(cal), (rel(held) if held is not None else None)
+    return cands[choice], name, damp, rel(cal), rel(held)
 
 
 def calibrate(
@@ -266,13 +297,13 @@ def calibrate(
         for name in names_here:
             m = layers[name]
             w = _weight(m)
-            hc, hh = hess.cal[name], hess.held[name]
-            if hc is None:
+            part = hess.cal[name]
+            if part.n == 0:
                 raise ValueError(f"layer {name!r} saw no calibration input; exclude it or calibrate on inputs that reach it")
-            q, choice, d, cal, held = _choose(w, hc, hh, spec, damps, gptq_kw)
+            q, choice, d, cal, held = _choose(w, part, hess.held[name], spec, damps, gptq_kw)
             records[name] = q
             report.append({"layer": name, "choice": choice, "damp": d, "calibration": cal, "heldout": held,
-                           "rows": hess.rows[name]})
+                           "rows": part.n})
             dense = dequantize(q, torch.float32).to(m.weight.dtype)  # later layers see this layer quantized
             m.weight = nn.Parameter(dense.t().contiguous() if is_conv1d(m) else dense, requires_grad=False)
 
@@ -307,7 +338,7 @@ def calibrate(
         for k in bar:
             if k == 0 and staged:  # the layers that run before the first block (their Hessians seen on the way)
                 hess, inputs = run_model(rest, staged[0][0])
-                before = [n for n in rest if hess.cal[n] is not None]
+                before = [n for n in rest if hess.cal[n].n]
                 after = [n for n in rest if n not in before]
                 if before:
                     quantize_stage(before, hess)
