@@ -14,6 +14,7 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").g
 def test_there_are_notebooks():  # core: needs nothing
     assert [p.name for p in NOTEBOOKS] == [
         "01_nf4_vs_int4_gaussian.ipynb", "02_nf4_vs_int4_minilm.ipynb", "03_beyond_plain_nf4_minilm.ipynb",
+        "04_gptq_nf4_minilm.ipynb",
     ]
 
 
