@@ -89,7 +89,8 @@ def test_every_module_sits_in_a_layer_folder():
     # name pickled NF4 weights refer to
     assert top == ["__init__.py", "__main__.py", "_tensor.py", "analysis.py", "distributed.py", "gptq.py", "hf.py"], top
     folders = sorted(p.name for p in (ROOT / "nf4lib").iterdir() if p.is_dir() and p.name != "__pycache__")
-    assert folders == sorted(LAYERS), folders
+    assert folders == sorted(LAYERS + ("data",)), folders
+    assert not list((ROOT / "nf4lib" / "data").rglob("*.py"))  # data/: the shipped calibration text, no code
 
 
 def test_imports_only_go_down_the_layers():

@@ -155,7 +155,7 @@ def _default_model() -> str:
 
 
 def report(args) -> int:
-    from ..transforms.convert import progress_bar
+    from ..transforms.plan import progress_bar
     from ..formats.safetensors import iter_tensors
     from .analysis import compare_codebooks, parse_settings, summarize
 
@@ -228,7 +228,7 @@ def _write_quantized(args, files, tensors, out, quiet: bool = False) -> set:
     """Stream IN's tensors into the safetensors file ``out``, quantizing the chosen ones;
     returns the names of those."""
     from .. import __version__
-    from ..transforms.convert import progress_bar
+    from ..transforms.plan import progress_bar
     from ..formats.bnb import to_bnb
     from ..ops.quantize import quantize
     from ..formats.safetensors import StreamingWriter, iter_tensors

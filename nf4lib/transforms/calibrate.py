@@ -33,8 +33,7 @@ from ..core.spec import QuantSpec, settings
 from ..ops.gptq import gptq_quantize, layer_output_error
 from ..ops.quantize import dequantize, quantize
 from ..weight.linear import NF4Linear, check_compute_dtype, is_conv1d
-from .convert import progress_bar
-from .plan import DEFAULT_EXCLUDE, Exclude, plan_modules
+from .plan import DEFAULT_EXCLUDE, Exclude, plan_modules, progress_bar
 from .tree import replace_modules, run_hooks
 
 __all__ = ["calibrate", "Calibration", "text_batches", "default_text"]

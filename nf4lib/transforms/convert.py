@@ -12,7 +12,7 @@ from torch import nn
 from ..core.codebooks import resolve_code
 from ..core.spec import QuantSpec, settings
 from ..weight.linear import NF4Linear, check_compute_dtype, code_name_of
-from .plan import DEFAULT_EXCLUDE, Exclude, plan_modules
+from .plan import DEFAULT_EXCLUDE, Exclude, plan_modules, progress_bar
 from .tree import replace_modules, run_hooks
 
 __all__ = ["convert", "dequantize_model"]
@@ -195,11 +195,3 @@ def _check_already_converted(model: nn.Module, spec: QuantSpec) -> None:
                     f"double_quant={have[2]}); converting it to blocksize={blocksize}, code={want_code}, "
                     f"double_quant={bool(double_quant)} would re-quantize 4-bit values. Convert the full-precision model."
                 )
-
-
-def progress_bar(iterable, *, total: int, desc: str, unit: str, show: Optional[bool]):
-    """A tqdm bar on stderr over ``iterable``; ``show=None`` lets tqdm decide (a bar on a
-    terminal, none in a log file)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None if show is None else not show)

@@ -14,7 +14,7 @@ a module excludes everything under it.
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Iterable, NamedTuple, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Union
 
 from torch import nn
 
@@ -159,3 +159,11 @@ def plan_checkpoint(tensors: dict, exclude=DEFAULT_EXCLUDE) -> Plan:
     unmatched = tuple(p for p in patterns if not any(excluded(n, [p]) for n in tensors))
     layers = {n: v for n, v in tensors.items() if is_linear_weight(n, *v) and not excluded(n, patterns)}
     return Plan(layers, unmatched, ())
+
+
+def progress_bar(iterable, *, total: int, desc: str, unit: str, show: Optional[bool]):
+    """A tqdm bar on stderr over ``iterable``; ``show=None`` lets tqdm decide (a bar on a
+    terminal, none in a log file)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None if show is None else not show)
