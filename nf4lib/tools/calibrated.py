@@ -51,12 +51,13 @@ def _batches(spec: str, src: str):
         raise CheckpointError(f"{spec}: {e}") from None
 
 
-def quantize_calibrated(args, exclude: list) -> int:
-    src, out = args.input, os.path.abspath(args.output)
-    if not (os.path.isdir(src) and os.path.isfile(os.path.join(src, "config.json"))):
-        raise CheckpointError(f"{src}: --calibrate needs IN to be a model directory with a config.json")
-    if args.output.endswith(".safetensors"):
-        raise CheckpointError(f"{args.output}: with --calibrate, OUT is a model directory (a name without .safetensors)")
+def check_out_directory(args, src: str) -> tuple:
+    """``(out, parent)`` for a model directory OUT that bitsandbytes will read: a blocksize it
+    reads, OUT missing or empty, not IN, in an existing parent (both directory writers use it)."""
+    if not 32 <= args.blocksize <= 4096:
+        raise CheckpointError(f"{args.output}: bitsandbytes reads blocksizes 32..4096, not {args.blocksize}; "
+                              f"write OUT as a .safetensors file (nf4lib.load_quantized reads it)")
+    out = os.path.abspath(args.output)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise CheckpointError(f"{args.output}: exists and is not an empty directory")
     if os.path.realpath(out) == os.path.realpath(src):
@@ -64,6 +65,16 @@ def quantize_calibrated(args, exclude: list) -> int:
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise CheckpointError(f"{args.output}: the parent directory {parent} does not exist")
+    return out, parent
+
+
+def quantize_calibrated(args, exclude: list) -> int:
+    src = args.input
+    if not (os.path.isdir(src) and os.path.isfile(os.path.join(src, "config.json"))):
+        raise CheckpointError(f"{src}: --calibrate needs IN to be a model directory with a config.json")
+    if args.output.endswith(".safetensors"):
+        raise CheckpointError(f"{args.output}: with --calibrate, OUT is a model directory (a name without .safetensors)")
+    out, parent = check_out_directory(args, src)
     try:
         import transformers
     except ImportError:

@@ -273,17 +273,9 @@ def _quantize_to_directory(args, files, tensors) -> int:
     if not (os.path.isdir(src) and os.path.isfile(os.path.join(src, "config.json"))):
         raise CheckpointError(f"{args.output}: a model directory OUT needs IN to be a model directory with a config.json "
                               f"({src} is not); write OUT as a .safetensors file instead")
-    if not 32 <= args.blocksize <= 4096:
-        raise CheckpointError(f"{args.output}: bitsandbytes reads blocksizes 32..4096, not {args.blocksize}; "
-                              f"write OUT as a .safetensors file (nf4lib.load_quantized reads it)")
-    out = os.path.abspath(args.output)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise CheckpointError(f"{args.output}: exists and is not an empty directory")
-    if os.path.realpath(out) == os.path.realpath(src):
-        raise CheckpointError(f"{args.output}: OUT must differ from IN")
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise CheckpointError(f"{args.output}: the parent directory {parent} does not exist")
+    from .calibrated import check_out_directory
+
+    out, parent = check_out_directory(args, src)
     try:
         with open(os.path.join(src, "config.json")) as f:
             config = json.load(f)
