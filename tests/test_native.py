@@ -138,10 +138,12 @@ def _reference_linear(x, q, bias):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(96, 256), (64, 200), (33, 40)])  # fast path, K % 64 != 0, rows straddle blocks
+# (shape, blocksize): blocksize 32; 64 with K % 128 == 64 and 128 (the bf16 kernel's split-x path,
+# a leftover group and none); K % 64 != 0; rows straddling blocks
+@pytest.mark.parametrize("shape, blocksize", [((96, 256), 32), ((48, 320), 64), ((40, 512), 128), ((64, 200), 64), ((33, 40), 64)])
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_gemv_equals_the_dense_formula(isa, dtype, shape, double_quant):
-    q = _pure_quantize(torch.randn(shape, dtype=dtype), double_quant=double_quant, blocksize=32 if shape[1] == 256 else 64)
+def test_gemv_equals_the_dense_formula(isa, dtype, shape, blocksize, double_quant):
+    q = _pure_quantize(torch.randn(shape, dtype=dtype), double_quant=double_quant, blocksize=blocksize)
     bias = torch.randn(shape[0], dtype=dtype)
     with _native.use_isa(isa):
         for m in (1, 2, 3, 5, 8, 9, 16):
@@ -265,6 +267,29 @@ def test_environment_switches():
     assert bad.returncode == 0 and "NF4LIB_ISA must be one of" in bad.stderr
 
 
+def test_kernels_share_pytorchs_openmp_threads():
+    # PyTorch's CPU wheel runs on GNU OpenMP: the kernels then run on its threads, not a
+    # second pool competing with its spinning ones (NF4LIB_THREADS=own keeps the pool)
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("PyTorch here does not use OpenMP")
+    assert _native.openmp_threads()
+
+
+@pytest.mark.slow
+def test_own_thread_pool_and_openmp_threads_give_the_same_results():
+    code = (
+        "import torch, nf4lib\nfrom nf4lib.backends.cpu import native\ntorch.manual_seed(0)\ntorch.set_num_threads(2)\n"
+        "w = torch.randn(1024, 1024, dtype=torch.bfloat16)\nq = nf4lib.quantize(w, double_quant=True)\n"
+        "x = torch.randn(3, 1024, dtype=torch.bfloat16)\n"
+        "y = nf4lib.quantized_linear(x, q).float().sum().item()\n"
+        "print(native.openmp_threads(), q.packed.int().sum().item(), nf4lib.dequantize(q).float().sum().item(), y)\n"
+    )
+    own, omp = _run(code, NF4LIB_THREADS="own"), _run(code)
+    assert own.returncode == 0 and omp.returncode == 0, own.stderr + omp.stderr
+    assert own.stdout.split()[0] == "False"
+    assert own.stdout.split()[1:] == omp.stdout.split()[1:]
+
+
 @pytest.mark.slow
 def test_the_thread_pool_works_in_a_forked_child():
     code = (
@@ -272,7 +297,11 @@ def test_the_thread_pool_works_in_a_forked_child():
         "q = nf4lib.quantize(torch.randn(1024, 1024))\nw = nf4lib.dequantize(q)\n"  # parent's pool started
         "pid = os.fork()\n"
         "if pid == 0:\n"
-        "    ok = torch.equal(nf4lib.dequantize(q), w) and torch.equal(nf4lib.quantize(w).packed, nf4lib.quantize(w).packed)\n"
+        # the parent ran on PyTorch's OpenMP threads, which a fork does not carry over (PyTorch's
+        # own parallel ops hang in such a child): the kernels go back to their own pool, on 2
+        # threads, and the results are compared as bytes, without a parallel torch op
+        "    b = lambda t: t.numpy().tobytes()\n"
+        "    ok = b(nf4lib.dequantize(q)) == b(w) and b(nf4lib.quantize(w).packed) == b(q.packed)\n"
         "    os._exit(0 if ok else 3)\n"
         "_, status = os.waitpid(pid, 0)\nprint(os.waitstatus_to_exitcode(status))\n"
     )

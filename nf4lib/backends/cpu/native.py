@@ -16,6 +16,10 @@ runs the pure-PyTorch kernels. Switches:
 * ``NF4LIB_ISA=scalar|avx2|avx512|avx512bf16``: the instruction set to use (capped at what the CPU
   runs); :func:`use_isa` does the same for a block of code.
 * ``NF4LIB_NATIVE_LIB=PATH``: load this file instead of the packaged one.
+* ``NF4LIB_THREADS=own``: run parallel work on the library's own thread pool. By default,
+  when PyTorch runs on GNU OpenMP, the work runs on PyTorch's OpenMP threads: its idle
+  threads spin after each parallel op, and a second pool beside them would share the cores
+  with spinning threads (measured: decode steps at two thirds of the speed on 2 cores).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ __all__ = [
 
 ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_ABI = 4
+_ABI = 5
 # An entry point refused buffers that do not cover its work (nf4cpu.h: NF4_EARGS).
 _EARGS = -2
 _lock = threading.RLock()  # re-entered by the self-check, which quantizes with the library off
@@ -62,6 +66,7 @@ _SIGNATURES = {
     "nf4_best_isa": ([], _INT),
     "nf4_set_isa": ([_INT], _INT),
     "nf4_get_isa": ([], _INT),
+    "nf4_set_openmp": ([_P], _INT),
     "nf4_decode": ([_P, _I64, ctypes.POINTER(_Scales), _P, _I64, _I64, _I64, _P, _I64, _INT, _INT], _INT),
     "nf4_gemv": ([_P, _INT, _I64, _I64, _I64, _I64, _P, _I64, ctypes.POINTER(_Scales), _P, _I64, _INT, _P, _I64, _P, _I64, _INT], _INT),
     "nf4_quantize": ([_P, _INT, _I64, _I64, _P, _P, _P, _I64, _P, _I64, _INT], _INT),
@@ -91,7 +96,29 @@ def _load():
         fn.argtypes, fn.restype = args, res
     if lib.nf4_abi_version() != _ABI:
         raise OSError(f"{path.name} has ABI version {lib.nf4_abi_version()}, expected {_ABI}: rebuild it (pip install -e .)")
+    lib.nf4_set_openmp(_gomp_parallel())
     return lib
+
+
+def _gomp_parallel() -> int | None:
+    """The address of GNU OpenMP's ``GOMP_parallel`` when PyTorch's parallel backend is
+    GNU OpenMP and the process has it loaded (PyTorch loads it globally), else None: the
+    native kernels then share PyTorch's threads instead of starting their own."""
+    if os.environ.get("NF4LIB_THREADS", "openmp") == "own":
+        return None
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        return ctypes.cast(ctypes.CDLL(None).GOMP_parallel, ctypes.c_void_p).value
+    except AttributeError:  # another OpenMP (Intel's, LLVM's) or none in the process
+        return None
+
+
+def openmp_threads() -> bool:
+    """True when the native kernels run their parallel work on PyTorch's OpenMP threads
+    (``NF4LIB_THREADS``), False on the library's own pool or without the library."""
+    lib = _lib()
+    return lib is not None and _gomp_parallel() is not None
 
 
 def _lib():
@@ -153,6 +180,7 @@ def _self_check(lib) -> bool:
         nested = DoubleQuantized(torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=gen),
                                  torch.rand(-(-nb // 4), generator=gen), torch.tensor(0.25), torch.linspace(-1, 1, 256), 4)
         x = torch.randn(3, shape[1], generator=gen)
+        x9 = torch.randn(9, shape[1], generator=gen).bfloat16()
         for q in (plain, QuantizedTensor(packed, nested, code, shape, torch.float32, bs)):
             results = []
             for level in (chosen, 0):
@@ -164,7 +192,8 @@ def _self_check(lib) -> bool:
                     decode_into(part, q, 3, n - 5, lib=lib)  # unaligned ends
                     out += [whole, part]
                 ys = [gemv(x, q, d, None, lib=lib) for d in _CODES]
-                ys.append(gemv(x.bfloat16(), q, torch.bfloat16, None, lib=lib))  # the bf16-activation GEMV
+                # the bf16-activation GEMV, at 3 rows and at 9 (a full pass of 8, then 1)
+                ys += [gemv(x.bfloat16(), q, torch.bfloat16, None, lib=lib), gemv(x9, q, torch.bfloat16, None, lib=lib)]
                 results.append((out, ys))
             lib.nf4_set_isa(chosen)
             (fast, y_fast), (slow, y_slow) = results

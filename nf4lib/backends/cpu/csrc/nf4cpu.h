@@ -25,7 +25,7 @@
 /* the exported entry points (built with -fvisibility=hidden) and their ABI, which
  * native.py checks when it loads the library */
 #define NF4_API __attribute__((visibility("default")))
-#define NF4_ABI_VERSION 4
+#define NF4_ABI_VERSION 5
 
 enum { NF4_F32 = 0, NF4_BF16 = 1, NF4_F16 = 2 };
 /* or-ed into a decode's dtype: the output is large, write it past the caches */
@@ -157,6 +157,10 @@ void nf4_decode_avx512(const uint8_t *packed, const nf4_scales *sc, const float 
                        int64_t i0, int64_t i1, void *out, int dtype);
 void nf4_decode_avx512bf16(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
                            int64_t i0, int64_t i1, void *out, int dtype);
+/* the bf16 GEMV takes x split per 64-element group (even elements, then odd) where
+ * nf4_bf16_wants_split(k, bs); nf4_split_x_bf16 makes that layout */
+int nf4_bf16_wants_split(int64_t k, int64_t bs);
+void nf4_split_x_bf16(const uint16_t *x, uint16_t *xs, int m, int64_t k);
 void nf4_gemv_bf16_avx512bf16(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                               const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
 void nf4_quantize_avx2(const void *x, int dtype, int64_t b0, int64_t b1, int64_t bs, const float *thr15,

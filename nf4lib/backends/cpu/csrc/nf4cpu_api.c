@@ -36,12 +36,18 @@ static struct {
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
+/* PyTorch's OpenMP entry point (see parallel_for), and whether this process is a fork */
+typedef void (*gomp_parallel_fn)(void (*body)(void *), void *data, unsigned nthreads, unsigned flags);
+static gomp_parallel_fn gomp_parallel = NULL;
+static int forked = 0;
+
 static void pool_child_reset(void) {
     pthread_mutex_init(&pool.mu, NULL);
     pthread_mutex_init(&pool.busy, NULL);
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.done, NULL);
     pool.nworkers = 0;  /* the parent's workers do not exist in the child */
+    forked = 1;         /* nor do OpenMP's */
 }
 
 static void register_atfork(void) { pthread_atfork(NULL, NULL, pool_child_reset); }
@@ -69,9 +75,36 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* ------------------------------------------------------------------ PyTorch's OpenMP threads */
+/* When PyTorch runs on GNU OpenMP, its worker threads spin for a while after each of its
+ * parallel ops. Threads of our own would then share the cores with spinning ones: on a
+ * 2-core machine a decode step's GEMVs ran at half speed (Llama-shaped model, 23 vs 35
+ * tokens/s with OMP_WAIT_POLICY=PASSIVE). So, when native.py hands us libgomp's
+ * GOMP_parallel (the entry point `#pragma omp parallel` compiles to, resolved in the
+ * process PyTorch already loaded, never linked here), work runs on PyTorch's own threads.
+ * A forked child goes back to the pool above: GNU OpenMP's threads do not survive a fork. */
+
+typedef struct {
+    nf4_task fn;
+    void *ctx;
+    int64_t ntasks;
+    atomic_llong next;
+} omp_job;
+
+static void omp_body(void *p) {
+    omp_job *j = p;
+    int64_t t;
+    while ((t = atomic_fetch_add(&j->next, 1)) < j->ntasks) j->fn(j->ctx, t);
+}
+
 static void parallel_for(nf4_task fn, void *ctx, int64_t ntasks, int nthreads) {
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads > ntasks) nthreads = (int)ntasks;
+    if (nthreads > 1 && gomp_parallel && !forked) {
+        omp_job j = {fn, ctx, ntasks, 0};
+        gomp_parallel(omp_body, &j, (unsigned)nthreads, 0);
+        return;
+    }
     if (nthreads <= 1 || pthread_mutex_trylock(&pool.busy) != 0) {
         for (int64_t t = 0; t < ntasks; t++) fn(ctx, t);
         return;
@@ -141,6 +174,14 @@ static const nf4_kernels *kernels(void) {
 }
 
 NF4_API int nf4_abi_version(void) { return NF4_ABI_VERSION; }
+
+/* Run parallel work on the threads of this GOMP_parallel (libgomp's, which PyTorch loaded),
+ * or on the library's own pool (NULL). Returns 1 if OpenMP's threads are in use. */
+NF4_API int nf4_set_openmp(void *gomp_parallel_addr) {
+    pthread_once(&atfork_once, register_atfork);
+    gomp_parallel = (gomp_parallel_fn)gomp_parallel_addr;
+    return gomp_parallel != NULL && !forked;
+}
 
 /* The best instruction set this CPU and build support. */
 NF4_API int nf4_best_isa(void) { kernels(); return best_isa; }
@@ -233,6 +274,7 @@ NF4_API int nf4_gemv(const void *x, int x_dtype, int64_t x_len, int64_t m, int64
                      const float *bias, int64_t bias_len, float *y, int64_t y_len, int nthreads) {
     const nf4_kernels *kn = kernels();
     float *xp = NULL;
+    uint16_t *xs = NULL;  /* bf16 x in the layout the kernel wants (nf4_split_x_bf16) */
     if (m < 0 || n < 0 || k < 0 || m > INT32_MAX || (n && k > ((int64_t)1 << 62) / n) || (m && k > ((int64_t)1 << 62) / m) ||
         (m && n > ((int64_t)1 << 62) / m))
         return NF4_EARGS;
@@ -246,6 +288,14 @@ NF4_API int nf4_gemv(const void *x, int x_dtype, int64_t x_len, int64_t m, int64
         if (kn->gemv_bf16 && dtype == NF4_BF16 && k % 32 == 0 && bs >= 32) {
             xh = x;
             xf = NULL;
+#if NF4_X86
+            if (kn->gemv_bf16 == nf4_gemv_bf16_avx512bf16 && nf4_bf16_wants_split(k, bs)) {
+                xs = malloc(sizeof(uint16_t) * (size_t)(m * k));
+                if (!xs) return -1;
+                nf4_split_x_bf16(x, xs, (int)m, k);
+                xh = xs;
+            }
+#endif
         } else {  /* bf16 -> float32 is exact: the float32 kernels give the same values */
             xp = malloc(sizeof(float) * (size_t)(m * k));
             if (!xp) return -1;
@@ -268,6 +318,7 @@ NF4_API int nf4_gemv(const void *x, int x_dtype, int64_t x_len, int64_t m, int64
      * elements (a 512x512 layer) runs on the calling thread alone */
     parallel_for(gemv_task, &j, (n + rows - 1) / rows, n * k < GEMV_SERIAL ? 1 : nthreads);
     free(xp);
+    free(xs);
     if (bias)
         for (int64_t mm = 0; mm < m; mm++)
             for (int64_t r = 0; r < n; r++) y[mm * n + r] += bias[r];

@@ -30,7 +30,8 @@
 BF16K_INLINE __m512i bf16_table(const float *code16, float a) {
     __m512 v = _mm512_mul_ps(_mm512_loadu_ps(code16), _mm512_set1_ps(a));
     __m256i t;
-    if (a >= 7.888609052210118e-31f && a <= 3.4028234663852886e38f) {  /* 2^-100 <= a, finite */
+    /* 2^-100 <= a <= FLT_MAX as one unsigned compare of the bits (a predictable branch) */
+    if (__builtin_expect(nf4_bits(a) - 0x0D800000u <= 0x7F7FFFFFu - 0x0D800000u, 1)) {
         t = (__m256i)_mm512_cvtneps_pbh(v);
     } else {
         __m512i u = _mm512_castps_si512(v);
@@ -51,26 +52,112 @@ BF16K_INLINE __m512i weights32(const uint8_t *p, __m512i table) {
     return _mm512_permutexvar_epi16(idx, table);
 }
 
+/* rows [r0, r1) for M rows of x (a constant after inlining). Four chunks of 32 per step,
+ * unrolled, so each accumulator's index is a constant and the accumulators stay in
+ * registers (indexed by a run-time counter they would live on the stack, and every dot
+ * product would wait on a store and a load). NA accumulators per row of x: enough
+ * independent chains to cover the dot product's latency. */
 BF16K_INLINE void gemv_m(const int M, const uint16_t *x, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                          const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    enum { U = 4 };
+    const int NA = M <= 2 ? 4 : 2;
     const int bsh = nf4_log2(bs);
     for (int64_t r = r0; r < r1; r++) {
-        /* four accumulators per row of x, by chunk of 32, so the dot-product latency does
-         * not bound the loop */
         __m512 acc[8][4];
-        for (int mm = 0; mm < M; mm++) acc[mm][0] = acc[mm][1] = acc[mm][2] = acc[mm][3] = _mm512_setzero_ps();
+        for (int mm = 0; mm < M; mm++)
+            for (int a = 0; a < NA; a++) acc[mm][a] = _mm512_setzero_ps();
         int64_t block = -1;
         __m512i t = _mm512_setzero_si512();
-        for (int64_t c = 0; c < k; c += 32) {
-            const int64_t i = r * k + c;  /* a 32-aligned run of 32 lies in one block (bs >= 32) */
+        int64_t c = 0;
+        for (; c + 32 * U <= k; c += 32 * U) {
+#pragma GCC unroll 4
+            for (int u = 0; u < U; u++) {
+                const int64_t i = r * k + c + 32 * u;  /* a 32-aligned run of 32 lies in one block (bs >= 32) */
+                if ((i >> bsh) != block) { block = i >> bsh; t = bf16_table(code16, nf4_block_scale(sc, block)); }
+                __m512bh w = (__m512bh)weights32(packed + i / 2, t);
+#pragma GCC unroll 8
+                for (int mm = 0; mm < M; mm++)
+                    acc[mm][u % NA] = _mm512_dpbf16_ps(acc[mm][u % NA], w, (__m512bh)_mm512_loadu_si512(x + mm * k + c + 32 * u));
+            }
+        }
+        for (; c < k; c += 32) {  /* k % 128 leftovers */
+            const int64_t i = r * k + c;
             if ((i >> bsh) != block) { block = i >> bsh; t = bf16_table(code16, nf4_block_scale(sc, block)); }
             __m512bh w = (__m512bh)weights32(packed + i / 2, t);
-            const int a = (int)(c / 32) & 3;
-            for (int mm = 0; mm < M; mm++)
-                acc[mm][a] = _mm512_dpbf16_ps(acc[mm][a], w, (__m512bh)_mm512_loadu_si512(x + mm * k + c));
+#pragma GCC unroll 8
+            for (int mm = 0; mm < M; mm++) acc[mm][0] = _mm512_dpbf16_ps(acc[mm][0], w, (__m512bh)_mm512_loadu_si512(x + mm * k + c));
         }
+#pragma GCC unroll 8
+        for (int mm = 0; mm < M; mm++) {
+            __m512 s = acc[mm][0];
+            for (int a = 1; a < NA; a++) s = _mm512_add_ps(s, acc[mm][a]);
+            y[mm * ldy + r] = _mm512_reduce_add_ps(s);
+        }
+    }
+}
+
+/* The GEMV for blocksize >= 64 and k % 64 == 0, with x split (split_x_bf16): per 64-element
+ * group of a row, its 32 even elements then its 32 odd ones. A group's 32 packed bytes,
+ * widened to words, are the odd elements' indices as they are (the doubled table maps
+ * b & 31 to b & 15) and, shifted right by 4, the even elements' ones: one widening, one
+ * shift and two lookups per 64 weights, against one widening, two shifts, an or and two
+ * lookups when the weights must come out in element order. Which pairs `vdpbf16ps` adds
+ * first changes; each product is the same exact float32 value. */
+/* one 64-element group at element i (64-aligned, so in one block) of x's columns from c */
+#define SPLIT_GROUP(g, i, c)                                                                                   \
+    do {                                                                                                       \
+        if (((i) >> bsh) != block) {                                                              \
+            block = (i) >> bsh;                                                                                \
+            t = bf16_table(code16, am ? am[block] : nf4_block_scale(sc, block));                              \
+        }                                                                                                      \
+        __m512i d = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(packed + (i) / 2)));            \
+        __m512bh we = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), t);                         \
+        __m512bh wo = (__m512bh)_mm512_permutexvar_epi16(d, t);                                               \
+        for (int mm = 0; mm < M; mm++) {                                                                      \
+            const uint16_t *xv = xs + mm * k + (c);                                                           \
+            acc[mm][(2 * (g)) % NA] = _mm512_dpbf16_ps(acc[mm][(2 * (g)) % NA], we, (__m512bh)_mm512_loadu_si512(xv)); \
+            acc[mm][(2 * (g) + 1) % NA] = _mm512_dpbf16_ps(acc[mm][(2 * (g) + 1) % NA], wo, (__m512bh)_mm512_loadu_si512(xv + 32)); \
+        }                                                                                                      \
+    } while (0)
+
+BF16K_INLINE void gemv_split_m(const int M, const uint16_t *xs, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                               const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    const int NA = M <= 2 ? 4 : 2;  /* independent chains per row of x: 2 groups x (even, odd) */
+    const int bsh = nf4_log2(bs);
+    const float *am = sc->absmax;
+    for (int64_t r = r0; r < r1; r++) {
+        __m512 acc[8][4];
         for (int mm = 0; mm < M; mm++)
-            y[mm * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[mm][0], acc[mm][1]), _mm512_add_ps(acc[mm][2], acc[mm][3])));
+            for (int a = 0; a < NA; a++) acc[mm][a] = _mm512_setzero_ps();
+        int64_t block = -1;
+        __m512i t = _mm512_setzero_si512();
+        int64_t c = 0;
+        for (; c + 128 <= k; c += 128) {
+            SPLIT_GROUP(0, r * k + c, c);
+            SPLIT_GROUP(1, r * k + c + 64, c + 64);
+        }
+        if (c < k) SPLIT_GROUP(0, r * k + c, c);  /* k % 128 == 64 */
+        for (int mm = 0; mm < M; mm++) {
+            __m512 s = acc[mm][0];
+            for (int a = 1; a < NA; a++) s = _mm512_add_ps(s, acc[mm][a]);
+            y[mm * ldy + r] = _mm512_reduce_add_ps(s);
+        }
+    }
+}
+#undef SPLIT_GROUP
+
+/* 1 when the bf16 GEMV takes x split (gemv_split_m) for these sizes */
+int nf4_bf16_wants_split(int64_t k, int64_t bs) { return k % 64 == 0 && bs >= 64; }
+
+/* x (m x k bf16, k % 64 == 0) into xs: per 64-element group, the even elements then the odd */
+BF16K void nf4_split_x_bf16(const uint16_t *x, uint16_t *xs, int m, int64_t k) {
+    const __m512i even = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32,
+                                          30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    for (int64_t i = 0; i < (int64_t)m * k; i += 64) {
+        __m512i a = _mm512_loadu_si512(x + i), b = _mm512_loadu_si512(x + i + 32);
+        _mm512_storeu_si512(xs + i, _mm512_permutex2var_epi16(a, even, b));
+        _mm512_storeu_si512(xs + i + 32, _mm512_permutex2var_epi16(a, odd, b));
     }
 }
 
@@ -102,6 +189,19 @@ BF16K void nf4_decode_avx512bf16(const uint8_t *packed, const nf4_scales *sc, co
  * needs k % 32 == 0 and bs >= 32 (nf4_gemv checks) */
 BF16K void nf4_gemv_bf16_avx512bf16(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                                     const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    if (nf4_bf16_wants_split(k, bs)) {  /* x arrives split (nf4_gemv calls nf4_split_x_bf16) */
+        switch (m) {
+            case 1: gemv_split_m(1, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+            case 2: gemv_split_m(2, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+            case 3: gemv_split_m(3, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+            case 4: gemv_split_m(4, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+            case 5: gemv_split_m(5, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+            case 6: gemv_split_m(6, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+            case 7: gemv_split_m(7, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+            default: gemv_split_m(8, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
+        }
+        return;
+    }
     switch (m) {
         case 1: gemv_m(1, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
         case 2: gemv_m(2, x, k, packed, sc, code16, bs, r0, r1, y, ldy); break;
