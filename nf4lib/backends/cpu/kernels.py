@@ -2,7 +2,7 @@
 
 With the native library (``nf4lib.backends.cpu.native``):
 
-* batches up to ``GEMV_MAX_ROWS`` rows: the fused decode-dot GEMV; the weight is decoded
+* batches up to :func:`gemv_max_rows` rows: the fused decode-dot GEMV; the weight is decoded
   in registers and never written out, products summed in float32;
 * larger batches: decode a tile of rows at a time into one reused buffer (native,
   multithreaded) and multiply each tile as it is made, so the full-precision weight
@@ -13,6 +13,7 @@ Without it, the same tiling with the eager decode (``eager.dequantize_blocks_int
 
 import functools
 import math
+import threading
 
 import torch
 
@@ -27,11 +28,20 @@ from ...ops.library import register_kernel
 _TILE_ELEMS = 1 << 20
 # bf16 GEMMs (oneDNN, AVX512-BF16) want taller tiles: on a 2-core AVX512-BF16 EPYC, 5504x2048
 # at batch 128 took 15.9 ms in 512-row tiles, 9.9 ms in 2048-row ones (whole weight: 9.4 ms).
-_TILE_ELEMS_HALF = 1 << 22
+_TILE_ELEMS_HALF = 1 << 24
 # The fused GEMV re-reads the 4-bit weight once per 8 rows of x. On 4096x4096 bf16 (2-core
 # AVX2, medians) it beat tile decode + matmul up to 24 rows (16 rows: 14.5 vs 16.3 ms) and
 # lost at 32 (32.5 vs 28.8 ms).
 GEMV_MAX_ROWS = 16
+# Where the CPU multiplies bf16 natively (AVX512-BF16, AMX), a tile decode + bf16 GEMM is the
+# faster one from 8 rows (2-core Xeon with AMX, bf16, medians: 4096x4096 at 8 rows 2.1 ms
+# tiles vs 2.4 GEMV, at 16 rows 2.0 vs 4.6; 2048x2048 at 8 rows 0.53 vs 0.59).
+GEMV_MAX_ROWS_NATIVE_HALF = 6
+
+
+def gemv_max_rows(dtype: torch.dtype) -> int:
+    """The most rows of x the fused GEMV takes for activations of ``dtype`` on this CPU."""
+    return GEMV_MAX_ROWS_NATIVE_HALF if native_half_gemm(dtype) else GEMV_MAX_ROWS
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,7 +97,7 @@ def planned_linear_fits(x, plan, bias) -> bool:
     in_f = plan.in_f
     if not x.is_cpu or x.dtype not in _PLANNED_DTYPES or x.dim() == 0 or x.shape[-1] != in_f or not _native.active():
         return False
-    if not 0 < x.numel() <= GEMV_MAX_ROWS * in_f:
+    if not 0 < x.numel() <= gemv_max_rows(x.dtype) * in_f:
         return False
     return bias is None or (bias.is_cpu and bias.dim() == 1 and bias.shape[0] == plan.out_f and bias.dtype in _PLANNED_DTYPES)
 
@@ -96,7 +106,7 @@ def planned_linear(x, plan, bias, *, float32: bool = False, checked: bool = Fals
     """``x @ W.T + bias`` through a prepared GEMV, recording no gradient: the op's CPU
     kernel without the per-call work a frozen weight need not repeat (its record, checks and
     native arguments). None where the op must run instead (other shapes, dtypes, devices,
-    more than ``GEMV_MAX_ROWS`` rows). ``float32``: return the float32 sums (else x's
+    more than :func:`gemv_max_rows` rows). ``float32``: return the float32 sums (else x's
     dtype); ``checked``: :func:`planned_linear_fits` already said yes."""
     if not checked and not planned_linear_fits(x, plan, bias):
         return None
@@ -135,6 +145,20 @@ def dequantize(q, dtype):
     return eager.dequantize(q, dtype)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A tile buffer of ``n`` elements, reused across calls on this thread: a fresh
+    multi-megabyte buffer each call costs its page faults (zeroing each page) on every
+    call, about as long as decoding into it."""
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n]
+
+
 def _tiles(q, dtype: torch.dtype, native: bool):
     """(r0, r1, W[r0:r1] in ``dtype``) over the weight's rows, a tile at a time, decoded into
     one reused buffer (each tile is still in cache when the matmul reads it, and the
@@ -144,7 +168,7 @@ def _tiles(q, dtype: torch.dtype, native: bool):
     unit = bs // math.gcd(in_f, bs)  # rows per tile: a multiple of the rows that make whole blocks
     tile_elems = _TILE_ELEMS if dtype == torch.float32 else _TILE_ELEMS_HALF
     rows = max(unit, (tile_elems // in_f) // unit * unit)
-    buf = torch.empty(min(rows, out_f) * in_f, dtype=dtype, device=q.packed.device)
+    buf = _scratch(min(rows, out_f) * in_f, dtype)
     if not native:
         am, table = q.scales.dequantize(), pair_table(q.code.float())
     for r0 in range(0, out_f, rows):
@@ -152,7 +176,7 @@ def _tiles(q, dtype: torch.dtype, native: bool):
         e0, e1 = r0 * in_f, r1 * in_f
         tile = buf[: e1 - e0]
         if native:
-            _native.decode_into(tile, q, e0, e1)
+            _native.decode_into(tile, q, e0, e1, cached=True)
         else:
             eager.dequantize_blocks_into(tile, q.packed[e0 // 2 : e1 // 2], am[e0 // bs : e1 // bs], table, bs)
         yield r0, r1, tile.view(r1 - r0, in_f)
@@ -169,18 +193,24 @@ def linear(x, q, bias):
         return default.linear(x, q, bias)
     x2 = x.reshape(-1, in_f)
     m = x2.shape[0]
-    if native and m <= GEMV_MAX_ROWS:
+    if native and m <= gemv_max_rows(x.dtype):
         # y = x @ W.T + b, each weight as dequantize(q).to(x.dtype) has it
         return _fresh(_native.gemv(x2, q, x.dtype, bias), x, out_f)
     dtype = _compute_dtype(x, m)
     xc = x2.to(dtype)
-    out_t = torch.empty(out_f, m, dtype=dtype, device=x.device)  # y.T: each tile fills whole rows
+    b = None if bias is None else bias.to(dtype)
+    # a fresh tensor, not a view of one: FSDP2 (and in-place ops after it) treat views specially
+    out = torch.empty(*x.shape[:-1], out_f, dtype=x.dtype, device=x.device)
+    y = out.view(m, out_f)
     for r0, r1, tile in _tiles(q, dtype, native):
-        torch.mm(tile, xc.t(), out=out_t[r0:r1])  # y.T[r0:r1] = W[r0:r1] @ x.T
-    y = out_t.t()
-    if bias is not None:
-        y = y + bias.to(dtype)
-    return _fresh(y, x, out_f)
+        # y[:, r0:r1] = (W[r0:r1] @ x.T + b[r0:r1]).T, rounded to x's dtype once: oneDNN runs
+        # the tall weight tile as the left factor faster than x @ W.T (256x4096 @ 4096x4096
+        # bf16, AMX: 4.1 vs 5.3 ms), and the tile's transpose is copied while in cache
+        part = torch.mm(tile, xc.t())
+        if b is not None:
+            part.add_(b[r0:r1, None])
+        y[:, r0:r1].copy_(part.t())
+    return out
 
 
 @register_kernel("quantized_linear_grad", "cpu")

@@ -319,12 +319,15 @@ def _threads() -> int:
 _STREAM_BYTES = 8 << 20
 
 
-def decode_into(out: torch.Tensor, q, start: int = 0, stop: int | None = None, *, lib=None) -> None:
+def decode_into(out: torch.Tensor, q, start: int = 0, stop: int | None = None, *, cached: bool = False, lib=None) -> None:
     """Write elements ``[start, stop)`` of ``q``'s flattened weight into ``out``
-    (contiguous float32/bf16/fp16, ``stop - start`` elements), as ``dequantize`` would."""
+    (contiguous float32/bf16/fp16, ``stop - start`` elements), as ``dequantize`` would.
+    ``cached``: the caller reads ``out`` next (a tile for a matmul), so it is written with
+    plain stores even when large; otherwise outputs from ``_STREAM_BYTES`` bypass the caches."""
     lib = lib or _lib()
     stop = q.numel if stop is None else stop
-    mode = _CODES[out.dtype] | (256 if (stop - start) * out.element_size() >= _STREAM_BYTES else 0)
+    stream = not cached and (stop - start) * out.element_size() >= _STREAM_BYTES
+    mode = _CODES[out.dtype] | (256 if stream else 0)
     scales, keep = _scales_struct(q)
     packed, code = q.packed.contiguous(), _code16(q)
     if not out.is_contiguous():

@@ -64,18 +64,23 @@ AVX512_INLINE void gemv_m(const int M, const float *x, int64_t k, const uint8_t 
                           const float *code16, int64_t bs, int dtype, int64_t r0, int64_t r1, float *y, int64_t ldy) {
     const int bsh = nf4_log2(bs);
     for (int64_t r = r0; r < r1; r++) {
-        /* two accumulators per row of x, alternating by chunk: FMA latency, not the
-         * decode, would bound a single chain */
+        /* two accumulators per row of x, one per chunk of a pair (FMA latency, not the
+         * decode, would bound a single chain); the pair is unrolled so that each
+         * accumulator's index is a constant and it stays in a register */
         __m512 acc[8][2];
         for (int mm = 0; mm < M; mm++) acc[mm][0] = acc[mm][1] = _mm512_setzero_ps();
         int64_t block = -1;
         __m512 t = _mm512_setzero_ps();
-        for (int64_t c = 0; c < k; c += 16) {
-            const int64_t i = r * k + c;
-            if ((i >> bsh) != block) { block = (i >> bsh); t = table_of(code16, nf4_block_scale(sc, block), dtype); }
-            __m512 w = _mm512_permutexvar_ps(indices16(packed + i / 2), t);
-            const int a = (int)(c / 16) & 1;
-            for (int mm = 0; mm < M; mm++) acc[mm][a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + mm * k + c), acc[mm][a]);
+        for (int64_t c = 0; c < k; c += 32) {
+#pragma GCC unroll 2
+            for (int a = 0; a < 2; a++) {
+                if (a == 1 && c + 16 >= k) break;  /* k % 32 == 16 */
+                const int64_t i = r * k + c + 16 * a;
+                if ((i >> bsh) != block) { block = (i >> bsh); t = table_of(code16, nf4_block_scale(sc, block), dtype); }
+                __m512 w = _mm512_permutexvar_ps(indices16(packed + i / 2), t);
+#pragma GCC unroll 8
+                for (int mm = 0; mm < M; mm++) acc[mm][a] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + mm * k + c + 16 * a), acc[mm][a]);
+            }
         }
         for (int mm = 0; mm < M; mm++) y[mm * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[mm][0], acc[mm][1]));
     }
