@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..core.codebooks import normal_float_levels
-from ..weight.linear import is_conv1d
+from ..weight.linear import linear_weight
 from ..transforms.plan import DEFAULT_EXCLUDE, plan_modules
 from ..core.checks import check_blocksize
 from ..ops.quantize import bits_per_parameter, dequantize, quantize
@@ -291,7 +291,7 @@ def linear_weights(model: nn.Module, exclude=DEFAULT_EXCLUDE) -> list[tuple[str,
     for name, m in candidates.values():
         if id(m.weight) not in seen:
             seen.add(id(m.weight))
-            out.append((name, m.weight.detach().t() if is_conv1d(m) else m.weight.detach()))
+            out.append((name, linear_weight(m)))
     return out
 
 

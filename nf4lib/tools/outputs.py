@@ -24,7 +24,7 @@ from torch import nn
 
 from ..transforms.plan import DEFAULT_EXCLUDE, plan_modules
 from ..transforms.tree import replace_modules
-from ..weight.linear import is_conv1d
+from ..weight.linear import is_conv1d, linear_weight
 from .analysis import error_metrics, parse_settings, reconstructions
 
 __all__ = ["layer_inputs", "compare_outputs", "reconstructed_model", "neighbour_agreement"]
@@ -41,11 +41,6 @@ def _layers(model: nn.Module, exclude) -> list[tuple[str, nn.Module]]:
     if not out:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D outside exclude={exclude!r} to measure")
     return out
-
-
-def _weight(m: nn.Module) -> torch.Tensor:
-    """(out_features, in_features): a Conv1D's weight is stored transposed."""
-    return m.weight.detach().t() if is_conv1d(m) else m.weight.detach()
 
 
 def layer_inputs(
@@ -87,7 +82,7 @@ def layer_inputs(
         if not seen[id(m)]:
             raise ValueError(f"layer {name!r} saw no input while run(model) ran; measure the layers the run uses "
                              f"(exclude the others)")
-        out.append((name, _weight(m).float(), torch.cat(seen[id(m)])))
+        out.append((name, linear_weight(m).float(), torch.cat(seen[id(m)])))
     return out
 
 
@@ -141,7 +136,7 @@ def reconstructed_model(model: nn.Module, setting, *, blocksize: int = 64, exclu
     new: dict[int, nn.Module] = {}
     for _, m in _layers(model, exclude):
         if id(m.weight) not in done:
-            (_, _, w_hat, _), = reconstructions(_weight(m), [s], (blocksize,))
+            (_, _, w_hat, _), = reconstructions(linear_weight(m), [s], (blocksize,))
             w_hat = w_hat.t() if is_conv1d(m) else w_hat
             done[id(m.weight)] = nn.Parameter(w_hat.to(m.weight.dtype).contiguous(), requires_grad=False)
         layer = copy.copy(m)  # a new module object; its own parameter dict, the new weight in it

@@ -32,7 +32,7 @@ from torch import nn
 from ..core.spec import QuantSpec, settings
 from ..ops.gptq import gptq_quantize, layer_output_error
 from ..ops.quantize import dequantize, quantize
-from ..weight.linear import NF4Linear, check_compute_dtype, is_conv1d
+from ..weight.linear import NF4Linear, check_compute_dtype, is_conv1d, linear_weight
 from .plan import DEFAULT_EXCLUDE, Exclude, plan_modules, progress_bar
 from .tree import replace_modules, run_hooks
 
@@ -173,10 +173,6 @@ class _Hessians:
             h.remove()
 
 
-def _weight(m: nn.Module) -> torch.Tensor:
-    return m.weight.detach().t() if is_conv1d(m) else m.weight.detach()
-
-
 def _choose(w, cal_part, held_part, spec, damps, gptq_kw) -> tuple:
     """(record, choice, damp or None, errors on the calibration part, on the held-out part)."""
     plain = dataclasses.replace(spec, scale="absmax")
@@ -295,7 +291,7 @@ def calibrate(
     def quantize_stage(names_here, hess):
         for name in names_here:
             m = layers[name]
-            w = _weight(m)
+            w = linear_weight(m)
             part = hess.cal[name]
             if part.n == 0:
                 raise ValueError(f"layer {name!r} saw no calibration input; exclude it or calibrate on inputs that reach it")

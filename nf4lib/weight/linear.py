@@ -56,6 +56,12 @@ def is_conv1d(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as ``(out_features, in_features)``, detached: a ``Conv1D``'s
+    (stored transposed) as a transposed view, the layout it is quantized in."""
+    return module.weight.detach().t() if is_conv1d(module) else module.weight.detach()
+
+
 def code_name_of(code) -> Optional[str]:
     """The name a ``code`` argument gives (``"nf4"``...), None for a user codebook tensor."""
     return code.lower() if isinstance(code, str) else None
