@@ -174,6 +174,18 @@ def test_quantized_linear_equals_the_pure_kernel(batch, dtype):
                                rtol=tol, atol=tol * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])  # native and pure tiles
+def test_linear_runs_inside_and_then_outside_inference_mode(dtype):
+    # the tile buffer is reused across calls: one first made under inference_mode must still
+    # be writable by the next call outside it
+    q = nf4lib.quantize(torch.randn(96, 128))
+    x = torch.randn(40, 128, dtype=dtype)
+    with torch.inference_mode():
+        inside = nf4lib.quantized_linear(x, q)
+    outside = nf4lib.quantized_linear(x, q)
+    assert torch.equal(inside, outside)
+
+
 def test_results_do_not_depend_on_the_thread_count():
     x = torch.randn(512, 1024, dtype=torch.bfloat16)
     v = torch.randn(3, 1024, dtype=torch.bfloat16)

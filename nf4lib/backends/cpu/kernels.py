@@ -155,7 +155,10 @@ def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
     bufs = _SCRATCH.__dict__.setdefault("bufs", {})
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < n:
-        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
+        # never an inference tensor (one made under torch.inference_mode could not be written
+        # by the next call outside it)
+        with torch.inference_mode(False):
+            buf = bufs[dtype] = torch.empty(n, dtype=dtype)
     return buf[:n]
 
 
