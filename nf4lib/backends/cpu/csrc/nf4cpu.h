@@ -50,6 +50,13 @@ typedef struct {
 /* An entry point's answer to buffers that do not cover its work (never read, never written). */
 enum { NF4_EARGS = -2 };
 
+/* How far ahead (in packed bytes) the GEMVs prefetch the weight. A weight is read once per
+ * call and is cold (a model's other layers have been through the caches since): the
+ * hardware prefetchers alone kept too few misses in flight. 28 Llama-shaped layers read in
+ * turn, bf16 GEMV, batch 1, 2-core Xeon: 5504x2048 0.76 ms without, 0.58 at 1 KiB ahead,
+ * 0.42 from 16 KiB (as fast as when the weight is in cache); 64 KiB gains nothing more. */
+#define NF4_PREFETCH_BYTES 16384
+
 /* Blocksizes every kernel serves: the SIMD code reads 16 codes at a time within one block. */
 static inline int nf4_blocksize_ok(int64_t bs) { return bs >= 16 && bs <= 65536 && (bs & (bs - 1)) == 0; }
 

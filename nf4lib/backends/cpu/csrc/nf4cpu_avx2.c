@@ -232,6 +232,7 @@ AVX2_INLINE void gemv_m(const int M, const int dtype, const float *xp, int64_t k
         for (int64_t c = 0; c < k; c += 64) {
             const int64_t i = r * k + c;
             __m256i idx[2];
+            if ((c & 127) == 0) _mm_prefetch((const char *)(packed + i / 2 + NF4_PREFETCH_BYTES), _MM_HINT_T0);
             if (dtype == NF4_BF16) chunk_tables_bf16(&tb, sc, code16, bs, i);
             else chunk_tables(&tb, sc, code16, bs, dtype, i);
             chunk_indices(packed + i / 2, &idx[0], &idx[1]);

@@ -72,6 +72,7 @@ AVX512_INLINE void gemv_m(const int M, const float *x, int64_t k, const uint8_t 
         int64_t block = -1;
         __m512 t = _mm512_setzero_ps();
         for (int64_t c = 0; c < k; c += 32) {
+            if ((c & 127) == 0) _mm_prefetch((const char *)(packed + (r * k + c) / 2 + NF4_PREFETCH_BYTES), _MM_HINT_T0);
 #pragma GCC unroll 2
             for (int a = 0; a < 2; a++) {
                 if (a == 1 && c + 16 >= k) break;  /* k % 32 == 16 */

@@ -70,6 +70,7 @@ BF16K_INLINE void gemv_m(const int M, const uint16_t *x, int64_t k, const uint8_
         __m512i t = _mm512_setzero_si512();
         int64_t c = 0;
         for (; c + 32 * U <= k; c += 32 * U) {
+            _mm_prefetch((const char *)(packed + (r * k + c) / 2 + NF4_PREFETCH_BYTES), _MM_HINT_T0);
 #pragma GCC unroll 4
             for (int u = 0; u < U; u++) {
                 const int64_t i = r * k + c + 32 * u;  /* a 32-aligned run of 32 lies in one block (bs >= 32) */
@@ -133,6 +134,9 @@ BF16K_INLINE void gemv_split_m(const int M, const uint16_t *xs, int64_t k, const
         __m512i t = _mm512_setzero_si512();
         int64_t c = 0;
         for (; c + 128 <= k; c += 128) {
+            /* the bytes (one line per step) and the scales, NF4_PREFETCH_BYTES ahead */
+            _mm_prefetch((const char *)(packed + (r * k + c) / 2 + NF4_PREFETCH_BYTES), _MM_HINT_T0);
+            if (am) _mm_prefetch((const char *)(am + ((r * k + c) >> bsh) + NF4_PREFETCH_BYTES / 8), _MM_HINT_T0);
             SPLIT_GROUP(0, r * k + c, c);
             SPLIT_GROUP(1, r * k + c + 64, c + 64);
         }
