@@ -180,6 +180,7 @@ BF16K void nf4_decode_avx512bf16(const uint8_t *packed, const nf4_scales *sc, co
     /* a large output (NF4_STREAM) goes past the caches when its 64-byte runs are aligned */
     const int stream = (dtype & NF4_STREAM) && ((uintptr_t)(o + i) & 63) == 0;
     for (; i + 32 <= i1; i += 32) {  /* a 32-aligned run of 32 lies in one block (bs >= 32) */
+        if ((i & 127) == 0) _mm_prefetch((const char *)(packed + i / 2 + NF4_PREFETCH_BYTES), _MM_HINT_T0);
         if ((i >> bsh) != block) { block = i >> bsh; t = bf16_table(code16, nf4_block_scale(sc, block)); }
         __m512i w = weights32(packed + i / 2, t);
         if (stream) _mm512_stream_si512((__m512i *)(o + i), w);
