@@ -153,6 +153,10 @@ typedef struct {
      * k % 32 == 0 and bs >= 32 */
     void (*gemv_bf16)(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                       const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
+    /* NULL, or: 1 if gemv_bf16 takes x rearranged for these sizes, and the rearrangement
+     * (xs: m x k bf16) */
+    int (*bf16_wants_split)(int64_t k, int64_t bs);
+    void (*split_x_bf16)(const uint16_t *x, uint16_t *xs, int m, int64_t k);
 } nf4_kernels;
 
 extern const nf4_kernels nf4_scalar_kernels;

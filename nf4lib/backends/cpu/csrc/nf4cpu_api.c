@@ -288,14 +288,12 @@ NF4_API int nf4_gemv(const void *x, int x_dtype, int64_t x_len, int64_t m, int64
         if (kn->gemv_bf16 && dtype == NF4_BF16 && k % 32 == 0 && bs >= 32) {
             xh = x;
             xf = NULL;
-#if NF4_X86
-            if (kn->gemv_bf16 == nf4_gemv_bf16_avx512bf16 && nf4_bf16_wants_split(k, bs)) {
+            if (kn->bf16_wants_split && kn->bf16_wants_split(k, bs)) {  /* the kernel table's own step */
                 xs = malloc(sizeof(uint16_t) * (size_t)(m * k));
                 if (!xs) return -1;
-                nf4_split_x_bf16(x, xs, (int)m, k);
+                kn->split_x_bf16(x, xs, (int)m, k);
                 xh = xs;
             }
-#endif
         } else {  /* bf16 -> float32 is exact: the float32 kernels give the same values */
             xp = malloc(sizeof(float) * (size_t)(m * k));
             if (!xp) return -1;

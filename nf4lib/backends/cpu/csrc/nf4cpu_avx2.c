@@ -333,7 +333,7 @@ AVX2 void nf4_quantize_avx2(const void *x, int dtype, int64_t b0, int64_t b1, in
 
 const nf4_kernels nf4_avx2_kernels = {
     .decode = decode_avx2, .gemv = gemv_avx2, .wants_permuted_x = wants_permuted_x, .permute_x = permute_x,
-    .quantize = nf4_quantize_avx2, .gemv_bf16 = NULL,
+    .quantize = nf4_quantize_avx2, .gemv_bf16 = NULL, .bf16_wants_split = NULL, .split_x_bf16 = NULL,
 };
 
 #endif

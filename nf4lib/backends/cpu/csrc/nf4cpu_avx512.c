@@ -104,12 +104,13 @@ static AVX512 void gemv_avx512(const float *x, int m, int64_t k, const uint8_t *
 
 const nf4_kernels nf4_avx512_kernels = {
     .decode = nf4_decode_avx512, .gemv = gemv_avx512, .wants_permuted_x = natural_x, .permute_x = NULL,
-    .quantize = nf4_quantize_avx2, .gemv_bf16 = NULL,
+    .quantize = nf4_quantize_avx2, .gemv_bf16 = NULL, .bf16_wants_split = NULL, .split_x_bf16 = NULL,
 };
 /* the same, plus nf4cpu_avx512bf16.c's bf16 decode and bf16-activation GEMV */
 const nf4_kernels nf4_avx512bf16_kernels = {
     .decode = nf4_decode_avx512bf16, .gemv = gemv_avx512, .wants_permuted_x = natural_x, .permute_x = NULL,
     .quantize = nf4_quantize_avx2, .gemv_bf16 = nf4_gemv_bf16_avx512bf16,
+    .bf16_wants_split = nf4_bf16_wants_split, .split_x_bf16 = nf4_split_x_bf16,
 };
 
 #endif

@@ -96,5 +96,5 @@ static int no_permute(int64_t k, int64_t bs) { (void)k; (void)bs; return 0; }
 
 const nf4_kernels nf4_scalar_kernels = {
     .decode = nf4_decode_scalar, .gemv = nf4_gemv_scalar, .wants_permuted_x = no_permute, .permute_x = NULL,
-    .quantize = nf4_quantize_scalar, .gemv_bf16 = NULL,
+    .quantize = nf4_quantize_scalar, .gemv_bf16 = NULL, .bf16_wants_split = NULL, .split_x_bf16 = NULL,
 };
