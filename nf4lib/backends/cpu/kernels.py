@@ -28,7 +28,9 @@ from ...ops.library import register_kernel
 _TILE_ELEMS = 1 << 20
 # bf16 GEMMs (oneDNN, AVX512-BF16) want taller tiles: on a 2-core AVX512-BF16 EPYC, 5504x2048
 # at batch 128 took 15.9 ms in 512-row tiles, 9.9 ms in 2048-row ones (whole weight: 9.4 ms).
-_TILE_ELEMS_HALF = 1 << 24
+# On a 2-core Xeon with AMX, 256 rows of x, weights cold (medians of interleaved rounds):
+# 4096x4096 in 2^20/2^22/2^24-element tiles 10.7/8.2/8.9 ms, 11008x4096 26.4/19.3/21.7 ms.
+_TILE_ELEMS_HALF = 1 << 22
 # The fused GEMV re-reads the 4-bit weight once per 8 rows of x. On 4096x4096 bf16 (2-core
 # AVX2, medians) it beat tile decode + matmul up to 24 rows (16 rows: 14.5 vs 16.3 ms) and
 # lost at 32 (32.5 vs 28.8 ms).
