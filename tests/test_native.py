@@ -156,6 +156,33 @@ def test_gemv_equals_the_dense_formula(isa, dtype, shape, blocksize, double_quan
             assert ((got - want).abs() <= 4 * shape[1] * 2**-24 * scale + 1e-30).all(), m
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+def test_bf16_gemv_with_extreme_scales(isa, blocksize):
+    # scales whose products are bf16 subnormals, zero, tiny and huge: the AVX512-BF16 GEMV
+    # converts a block's (or two blocks') products with vcvt(ne2)ps2bf16 only where that
+    # rounds as the reference does, and the dense formula must hold for every block
+    n, k = 8, 512
+    packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    nb = n * k // blocksize
+    extremes = torch.tensor([1e-39, 0.0, 2.0**-100, 2.0**-101, 1e-30, 1e30, 1.0, 5e-41])
+    # every extreme next to an ordinary scale and next to each other extreme (block pairs)
+    absmax = torch.rand(nb, generator=torch.Generator().manual_seed(2))
+    pattern = torch.stack([extremes, torch.rand(len(extremes)), extremes.roll(1), extremes.roll(3)], 1).flatten()
+    absmax[: min(nb, len(pattern))] = pattern[:nb]
+    q = nf4lib.QuantizedTensor(packed, absmax, nf4lib.nf4_levels(), (n, k), torch.bfloat16, blocksize)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(3)).bfloat16()
+    with _native.use_isa(isa):
+        got = _native.gemv(x, q, torch.bfloat16, None)
+    w = _pure_dequantize(q, torch.bfloat16).float()
+    # vdpbf16ps counts bf16 subnormal weights as zero (as the instruction defines)
+    tiny = w.abs() < torch.finfo(torch.bfloat16).tiny
+    want, want_flushed = x.float() @ w.T, x.float() @ w.masked_fill(tiny, 0).T
+    scale = x.float().abs() @ w.abs().T
+    bound = 4 * k * 2**-24 * scale + 1e-30
+    assert (((got - want).abs() <= bound) | ((got - want_flushed).abs() <= bound)).all()
+
+
 @pytest.mark.parametrize("batch", [1, 4, 7, 16, 17, 64])  # the GEMV, then tiles (from 7 or 17 rows by CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quantized_linear_equals_the_pure_kernel(batch, dtype):

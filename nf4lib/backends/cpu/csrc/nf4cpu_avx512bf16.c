@@ -31,7 +31,7 @@ BF16K_INLINE __m512i bf16_table(const float *code16, float a) {
     __m512 v = _mm512_mul_ps(_mm512_loadu_ps(code16), _mm512_set1_ps(a));
     __m256i t;
     /* 2^-100 <= a <= FLT_MAX as one unsigned compare of the bits (a predictable branch) */
-    if (__builtin_expect(nf4_bits(a) - 0x0D800000u <= 0x7F7FFFFFu - 0x0D800000u, 1)) {
+    if (__builtin_expect(nf4_bits(a) - 0x0D800000u <= 0x7F7FFFFFu - 0x0D800000u, 1)) {  /* bf16_fast_scale */
         t = (__m256i)_mm512_cvtneps_pbh(v);
     } else {
         __m512i u = _mm512_castps_si512(v);
@@ -104,16 +104,28 @@ BF16K_INLINE void gemv_m(const int M, const uint16_t *x, int64_t k, const uint8_
  * shift and two lookups per 64 weights, against one widening, two shifts, an or and two
  * lookups when the weights must come out in element order. Which pairs `vdpbf16ps` adds
  * first changes; each product is the same exact float32 value. */
-/* one 64-element group at element i (64-aligned, so in one block) of x's columns from c */
-#define SPLIT_GROUP(g, i, c)                                                                                   \
+/* 1 when `vcvtne2ps2bf16` rounds a block's products as nf4_to_bf16 does (see bf16_table) */
+static inline int bf16_fast_scale(float a) { return nf4_bits(a) - 0x0D800000u <= 0x7F7FFFFFu - 0x0D800000u; }
+
+/* The tables of two consecutive blocks with scales a and b, converted together (one
+ * `vcvtne2ps2bf16` for 32 products, against two conversions and two broadcasts):
+ * *ta = [a's 16 words | b's 16 words], looked up with indices below 16 only; *tb = b's words
+ * in both halves, as bf16_table gives them. */
+BF16K_INLINE void bf16_tables2(const float *code16, float a, float b, __m512i *ta, __m512i *tb) {
+    if (__builtin_expect(bf16_fast_scale(a) && bf16_fast_scale(b), 1)) {
+        const __m512 c = _mm512_loadu_ps(code16);
+        __m512i t = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(c, _mm512_set1_ps(b)), _mm512_mul_ps(c, _mm512_set1_ps(a)));
+        *ta = t;
+        *tb = _mm512_shuffle_i64x2(t, t, 0xEE);
+    } else {
+        *ta = bf16_table(code16, a);
+        *tb = bf16_table(code16, b);
+    }
+}
+
+/* the dot products of one 64-element group (x's columns from c) with the weights `we`, `wo` */
+#define SPLIT_DOTS(g, c, we, wo)                                                                               \
     do {                                                                                                       \
-        if (((i) >> bsh) != block) {                                                              \
-            block = (i) >> bsh;                                                                                \
-            t = bf16_table(code16, am ? am[block] : nf4_block_scale(sc, block));                              \
-        }                                                                                                      \
-        __m512i d = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(packed + (i) / 2)));            \
-        __m512bh we = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), t);                         \
-        __m512bh wo = (__m512bh)_mm512_permutexvar_epi16(d, t);                                               \
         for (int mm = 0; mm < M; mm++) {                                                                      \
             const uint16_t *xv = xs + mm * k + (c);                                                           \
             acc[mm][(2 * (g)) % NA] = _mm512_dpbf16_ps(acc[mm][(2 * (g)) % NA], we, (__m512bh)_mm512_loadu_si512(xv)); \
@@ -121,11 +133,25 @@ BF16K_INLINE void gemv_m(const int M, const uint16_t *x, int64_t k, const uint8_
         }                                                                                                      \
     } while (0)
 
+/* one 64-element group at element i (64-aligned, so in one block) of x's columns from c */
+#define SPLIT_GROUP(g, i, c)                                                                                   \
+    do {                                                                                                       \
+        if (((i) >> bsh) != block) {                                                                          \
+            block = (i) >> bsh;                                                                                \
+            t = bf16_table(code16, am ? am[block] : nf4_block_scale(sc, block));                              \
+        }                                                                                                      \
+        __m512i d = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(packed + (i) / 2)));            \
+        __m512bh we = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), t);                         \
+        __m512bh wo = (__m512bh)_mm512_permutexvar_epi16(d, t);                                               \
+        SPLIT_DOTS(g, c, we, wo);                                                                              \
+    } while (0)
+
 BF16K_INLINE void gemv_split_m(const int M, const uint16_t *xs, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                                const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy) {
     const int NA = M <= 2 ? 4 : 2;  /* independent chains per row of x: 2 groups x (even, odd) */
     const int bsh = nf4_log2(bs);
     const float *am = sc->absmax;
+    const __m512i low4 = _mm512_set1_epi16(15);
     for (int64_t r = r0; r < r1; r++) {
         __m512 acc[8][4];
         for (int mm = 0; mm < M; mm++)
@@ -134,11 +160,28 @@ BF16K_INLINE void gemv_split_m(const int M, const uint16_t *xs, int64_t k, const
         __m512i t = _mm512_setzero_si512();
         int64_t c = 0;
         for (; c + 128 <= k; c += 128) {
+            const int64_t i = r * k + c;
             /* the bytes (one line per step) and the scales, NF4_PREFETCH_BYTES ahead */
-            _mm_prefetch((const char *)(packed + (r * k + c) / 2 + NF4_PREFETCH_BYTES), _MM_HINT_T0);
-            if (am) _mm_prefetch((const char *)(am + ((r * k + c) >> bsh) + NF4_PREFETCH_BYTES / 8), _MM_HINT_T0);
-            SPLIT_GROUP(0, r * k + c, c);
-            SPLIT_GROUP(1, r * k + c + 64, c + 64);
+            _mm_prefetch((const char *)(packed + i / 2 + NF4_PREFETCH_BYTES), _MM_HINT_T0);
+            if (am) _mm_prefetch((const char *)(am + (i >> bsh) + NF4_PREFETCH_BYTES / 8), _MM_HINT_T0);
+            if (bs == 64) {
+                /* two blocks per step, their tables converted together; the first block's
+                 * odd indices are masked to 4 bits (its table is not doubled) */
+                const int64_t b0 = i >> 6;
+                __m512i ta, tb;
+                bf16_tables2(code16, am ? am[b0] : nf4_block_scale(sc, b0), am ? am[b0 + 1] : nf4_block_scale(sc, b0 + 1), &ta, &tb);
+                __m512i d = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(packed + i / 2)));
+                __m512bh we = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), ta);
+                __m512bh wo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(d, low4), ta);
+                SPLIT_DOTS(0, c, we, wo);
+                d = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(packed + i / 2 + 32)));
+                we = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), tb);
+                wo = (__m512bh)_mm512_permutexvar_epi16(d, tb);
+                SPLIT_DOTS(1, c + 64, we, wo);
+            } else {
+                SPLIT_GROUP(0, i, c);
+                SPLIT_GROUP(1, i + 64, c + 64);
+            }
         }
         if (c < k) SPLIT_GROUP(0, r * k + c, c);  /* k % 128 == 64 */
         for (int mm = 0; mm < M; mm++) {
@@ -149,6 +192,7 @@ BF16K_INLINE void gemv_split_m(const int M, const uint16_t *xs, int64_t k, const
     }
 }
 #undef SPLIT_GROUP
+#undef SPLIT_DOTS
 
 /* 1 when the bf16 GEMV takes x split (gemv_split_m) for these sizes */
 int nf4_bf16_wants_split(int64_t k, int64_t bs) { return k % 64 == 0 && bs >= 64; }
