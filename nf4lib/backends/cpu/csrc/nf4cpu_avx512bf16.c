@@ -221,16 +221,14 @@ BF16K void nf4_decode_avx512bf16(const uint8_t *packed, const nf4_scales *sc, co
     int64_t block = -1;
     __m512i t = _mm512_setzero_si512();
     uint16_t *o = (uint16_t *)out - i0;
-    /* a large output (NF4_STREAM) goes past the caches when its 64-byte runs are aligned */
-    const int stream = (dtype & NF4_STREAM) && ((uintptr_t)(o + i) & 63) == 0;
+    /* Plain stores even for a large output (NF4_STREAM): on a 2-core Xeon, decoding 4096x4096
+     * into a fresh 32 MiB tensor took 4.5 ms with plain stores and 7.4 ms with streaming ones
+     * (the pages are first touched by these stores), and into a touched buffer the same. */
     for (; i + 32 <= i1; i += 32) {  /* a 32-aligned run of 32 lies in one block (bs >= 32) */
         if ((i & 127) == 0) _mm_prefetch((const char *)(packed + i / 2 + NF4_PREFETCH_BYTES), _MM_HINT_T0);
         if ((i >> bsh) != block) { block = i >> bsh; t = bf16_table(code16, nf4_block_scale(sc, block)); }
-        __m512i w = weights32(packed + i / 2, t);
-        if (stream) _mm512_stream_si512((__m512i *)(o + i), w);
-        else _mm512_storeu_si512(o + i, w);
+        _mm512_storeu_si512(o + i, weights32(packed + i / 2, t));
     }
-    if (stream) _mm_sfence();
     nf4_decode_scalar(packed, sc, code16, bs, i, i1, o + i, NF4_BF16);
 }
 
