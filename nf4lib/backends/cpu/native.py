@@ -48,7 +48,7 @@ _ABI = 5
 # An entry point refused buffers that do not cover its work (nf4cpu.h: NF4_EARGS).
 _EARGS = -2
 _lock = threading.RLock()  # re-entered by the self-check, which quantizes with the library off
-_state = {"lib": None, "tried": False, "off": 0}
+_state = {"lib": None, "tried": False, "off": 0, "openmp": False}
 
 
 class _Scales(ctypes.Structure):
@@ -96,7 +96,7 @@ def _load():
         fn.argtypes, fn.restype = args, res
     if lib.nf4_abi_version() != _ABI:
         raise OSError(f"{path.name} has ABI version {lib.nf4_abi_version()}, expected {_ABI}: rebuild it (pip install -e .)")
-    lib.nf4_set_openmp(_gomp_parallel())
+    _state["openmp"] = bool(lib.nf4_set_openmp(_gomp_parallel()))
     return lib
 
 
@@ -110,15 +110,14 @@ def _gomp_parallel() -> int | None:
         return None
     try:
         return ctypes.cast(ctypes.CDLL(None).GOMP_parallel, ctypes.c_void_p).value
-    except AttributeError:  # another OpenMP (Intel's, LLVM's) or none in the process
+    except AttributeError:  # no GNU-compatible OpenMP entry point in the process
         return None
 
 
 def openmp_threads() -> bool:
     """True when the native kernels run their parallel work on PyTorch's OpenMP threads
     (``NF4LIB_THREADS``), False on the library's own pool or without the library."""
-    lib = _lib()
-    return lib is not None and _gomp_parallel() is not None
+    return _lib() is not None and _state["openmp"]
 
 
 def _lib():
