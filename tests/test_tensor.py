@@ -218,6 +218,28 @@ def test_setting_data_takes_the_new_contents(double_quant):
         lin.weight.data = torch.zeros(96, 48)
 
 
+def test_memory_freed_and_gathered_again_under_the_weight_is_read_afresh():
+    # FSDP2 frees an unsharded weight's memory between forwards (storage().resize_(0)) and
+    # gathers it again into new memory, writing through the storage: no version counter
+    # moves. A small call's prepared native arguments must not keep pointing at the freed
+    # memory; the new bytes must be what the next call reads.
+    lin = nf4lib.NF4Linear.from_linear(nn.Linear(256, 64, bias=False))
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        lin(x)  # prepares the weight's native arguments where the library is there
+    new = nf4lib.quantize(torch.randn(64, 256))
+    storage, keep = lin.weight.packed.untyped_storage(), []
+    for _ in range(3):  # free, take the memory for something else, gather into new memory
+        storage.resize_(0)
+        keep.append(torch.full((storage.nbytes() + 4096,), 7, dtype=torch.uint8))
+        storage.resize_(new.packed.numel())
+        storage.copy_(new.packed.untyped_storage())
+        lin.weight.absmax.untyped_storage().copy_(new.absmax.untyped_storage())
+        with torch.no_grad():
+            got = lin(x)
+        torch.testing.assert_close(got, x @ nf4lib.dequantize(new).T, rtol=1e-5, atol=1e-5)
+
+
 def test_compute_dtype_is_settable_over_the_same_bytes():
     lin = nf4lib.NF4Linear.from_linear(nn.Linear(96, 48))
     packed = lin.weight.packed.clone()

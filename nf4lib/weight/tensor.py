@@ -391,12 +391,16 @@ class _PlanSlot:
 
 
 def _plan_key(w: NF4Tensor) -> tuple:
-    # the buffers and their version counters: an in-place write (copy_, resize_, a load)
-    # or a new buffer makes a new plan
+    # the buffers, their version counters and addresses: an in-place write (copy_, resize_,
+    # a load), a new buffer, or new memory under the same tensor makes a new plan. The
+    # address matters: FSDP2 frees an unsharded weight's memory between forwards
+    # (storage().resize_(0)) and gathers it again into new memory, which no version counter
+    # sees; a plan's pointers into the old memory would read freed memory
     if w.nested_absmax is None:
-        return (id(w.packed), w.packed._version, id(w.absmax), w.absmax._version, id(w.quant_map), w.quant_map._version)
-    return tuple((id(t), t._version) for t in (w.packed, w.absmax, w.quant_map, w.nested_absmax, w.nested_quant_map,
-                                                w.nested_offset))
+        return (id(w.packed), w.packed._version, w.packed.data_ptr(), id(w.absmax), w.absmax._version, w.absmax.data_ptr(),
+                id(w.quant_map), w.quant_map._version, w.quant_map.data_ptr())
+    return tuple((id(t), t._version, t.data_ptr()) for t in (w.packed, w.absmax, w.quant_map, w.nested_absmax,
+                                                              w.nested_quant_map, w.nested_offset))
 
 
 def _gemv_plan(w: NF4Tensor):
