@@ -157,8 +157,25 @@ def test_gemv_equals_the_dense_formula(isa, dtype, shape, blocksize, double_quan
 
 
 @pytest.mark.parametrize("isa", ISAS)
+# rows of x past the AMX GEMM's 4 sums per pass (130), its column chunks (600: a partial last
+# chunk) and its runs of weight rows (600 rows of x, 200 weight rows: three runs, a 16-row tail)
+@pytest.mark.parametrize("m, n", [(5, 37), (130, 70), (600, 200)])
+def test_bf16_gemm_on_many_rows_equals_the_dense_formula(isa, m, n):
+    k = 2080  # 65 tiles of 32 columns
+    q = _pure_quantize(torch.randn(n, k, dtype=torch.bfloat16), blocksize=32, double_quant=True)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    bias = torch.randn(n, dtype=torch.bfloat16)
+    with _native.use_isa(isa):
+        got = _native.gemv(x, q, torch.bfloat16, bias)
+    want = _reference_linear(x, q, bias)
+    scale = (x.float().abs() @ _pure_dequantize(q, torch.bfloat16).float().abs().T) + bias.float().abs()
+    assert ((got - want).abs() <= 4 * k * 2**-24 * scale + 1e-30).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("blocksize", [32, 64, 128])
-def test_bf16_gemv_with_extreme_scales(isa, blocksize):
+@pytest.mark.parametrize("rows", [3, 9])  # the bf16 GEMV; the AMX GEMM where the CPU has it
+def test_bf16_gemv_with_extreme_scales(isa, blocksize, rows):
     # scales whose products are bf16 subnormals, zero, tiny and huge: the AVX512-BF16 GEMV
     # converts a block's (or two blocks') products with vcvt(ne2)ps2bf16 only where that
     # rounds as the reference does, and the dense formula must hold for every block
@@ -171,11 +188,11 @@ def test_bf16_gemv_with_extreme_scales(isa, blocksize):
     pattern = torch.stack([extremes, torch.rand(len(extremes)), extremes.roll(1), extremes.roll(3)], 1).flatten()
     absmax[: min(nb, len(pattern))] = pattern[:nb]
     q = nf4lib.QuantizedTensor(packed, absmax, nf4lib.nf4_levels(), (n, k), torch.bfloat16, blocksize)
-    x = torch.randn(3, k, generator=torch.Generator().manual_seed(3)).bfloat16()
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(3)).bfloat16()
     with _native.use_isa(isa):
         got = _native.gemv(x, q, torch.bfloat16, None)
     w = _pure_dequantize(q, torch.bfloat16).float()
-    # vdpbf16ps counts bf16 subnormal weights as zero (as the instruction defines)
+    # vdpbf16ps and tdpbf16ps count bf16 subnormal weights as zero (as the instructions define)
     tiny = w.abs() < torch.finfo(torch.bfloat16).tiny
     want, want_flushed = x.float() @ w.T, x.float() @ w.masked_fill(tiny, 0).T
     scale = x.float().abs() @ w.abs().T
@@ -216,18 +233,19 @@ def test_linear_runs_inside_and_then_outside_inference_mode(dtype):
 def test_results_do_not_depend_on_the_thread_count():
     x = torch.randn(512, 1024, dtype=torch.bfloat16)
     v = torch.randn(3, 1024, dtype=torch.bfloat16)
+    v40 = torch.randn(40, 1024, dtype=torch.bfloat16)  # the AMX GEMM where the CPU has it
     old = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             q = nf4lib.quantize(x, double_quant=True)
-            results.append((q, nf4lib.dequantize(q), nf4lib.quantized_linear(v, q)))
+            results.append((q, nf4lib.dequantize(q), nf4lib.quantized_linear(v, q), nf4lib.quantized_linear(v40, q)))
     finally:
         torch.set_num_threads(old)
-    for q, w, y in results[1:]:
+    for q, w, y, y40 in results[1:]:
         _same_record(q, results[0][0])
-        assert torch.equal(w, results[0][1]) and torch.equal(y, results[0][2])
+        assert torch.equal(w, results[0][1]) and torch.equal(y, results[0][2]) and torch.equal(y40, results[0][3])
 
 
 def test_large_quantize_compiles_nothing(monkeypatch):

@@ -3,7 +3,8 @@
 With the native library (``nf4lib.backends.cpu.native``):
 
 * batches up to :func:`gemv_max_rows` rows: the fused decode-dot GEMV; the weight is decoded
-  in registers and never written out, products summed in float32;
+  in registers and never written out, products summed in float32 (with the AMX kernels, bf16
+  x from 5 rows: the GEMM on AMX tiles, the weight decoded into the core's cache);
 * larger batches: decode a tile of rows at a time into one reused buffer (native,
   multithreaded) and multiply each tile as it is made, so the full-precision weight
   never exists at once and each tile is still in cache when the matmul reads it.
@@ -39,11 +40,23 @@ GEMV_MAX_ROWS = 16
 # faster one from 8 rows (2-core Xeon with AMX, bf16, medians: 4096x4096 at 8 rows 2.1 ms
 # tiles vs 2.4 GEMV, at 16 rows 2.0 vs 4.6; 2048x2048 at 8 rows 0.53 vs 0.59).
 GEMV_MAX_ROWS_NATIVE_HALF = 6
+# With the AMX kernels (``native.isa() == "amx"``), bf16 x with in_features % 32 == 0 and
+# blocksize >= 32 takes the native GEMM on AMX tiles (from 5 rows; the AVX512-BF16 GEMV
+# below), which decodes each weight into the core's cache instead of writing a tile out, up to
+# this many rows. 2-core Xeon, bf16, weights cold, medians in ms, AMX GEMM / tiles + oneDNN /
+# dense bf16: 4096x4096 at 8 rows 1.5 / 4.3 / 1.9, at 32 1.9 / 4.3 / 2.2, at 256 6.6 / 9.4 /
+# 6.2, at 512 16.9 / 20.6 / 12.3, at 1024 32.0 / 25.6 / 16.9; 2048x5504 at 1024 17.1 / 16.1 / 11.3.
+AMX_GEMM_MAX_ROWS = 512
 
 
-def gemv_max_rows(dtype: torch.dtype) -> int:
-    """The most rows of x the fused GEMV takes for activations of ``dtype`` on this CPU."""
-    return GEMV_MAX_ROWS_NATIVE_HALF if native_half_gemm(dtype) else GEMV_MAX_ROWS
+def gemv_max_rows(dtype: torch.dtype, in_f: int = 0, blocksize: int = 0) -> int:
+    """The most rows of x the native GEMV/GEMM takes for activations of ``dtype`` (and a
+    weight with ``in_f`` columns and ``blocksize``) on this CPU; above, tiles + torch.mm."""
+    if not native_half_gemm(dtype):
+        return GEMV_MAX_ROWS
+    if dtype == torch.bfloat16 and in_f % 32 == 0 and blocksize >= 32 and _native.isa() == "amx":
+        return AMX_GEMM_MAX_ROWS
+    return GEMV_MAX_ROWS_NATIVE_HALF
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,7 +112,7 @@ def planned_linear_fits(x, plan, bias) -> bool:
     in_f = plan.in_f
     if not x.is_cpu or x.dtype not in _PLANNED_DTYPES or x.dim() == 0 or x.shape[-1] != in_f or not _native.active():
         return False
-    if not 0 < x.numel() <= gemv_max_rows(x.dtype) * in_f:
+    if not 0 < x.numel() <= gemv_max_rows(x.dtype, in_f, plan.bs) * in_f:
         return False
     return bias is None or (bias.is_cpu and bias.dim() == 1 and bias.shape[0] == plan.out_f and bias.dtype in _PLANNED_DTYPES)
 
@@ -198,7 +211,7 @@ def linear(x, q, bias):
         return default.linear(x, q, bias)
     x2 = x.reshape(-1, in_f)
     m = x2.shape[0]
-    if native and m <= gemv_max_rows(x.dtype):
+    if native and m <= gemv_max_rows(x.dtype, in_f, bs):
         # y = x @ W.T + b, each weight as dequantize(q).to(x.dtype) has it
         return _fresh(_native.gemv(x2, q, x.dtype, bias), x, out_f)
     dtype = _compute_dtype(x, m)

@@ -13,7 +13,7 @@ Without the library (no C compiler at install, a failed load) nf4lib warns once 
 runs the pure-PyTorch kernels. Switches:
 
 * ``NF4LIB_NATIVE=0``: never use the library (read once, at the first kernel call).
-* ``NF4LIB_ISA=scalar|avx2|avx512|avx512bf16``: the instruction set to use (capped at what the CPU
+* ``NF4LIB_ISA=scalar|avx2|avx512|avx512bf16|amx``: the instruction set to use (capped at what the CPU
   runs); :func:`use_isa` does the same for a block of code.
 * ``NF4LIB_NATIVE_LIB=PATH``: load this file instead of the packaged one.
 * ``NF4LIB_THREADS=own``: run parallel work on the library's own thread pool. By default,
@@ -42,9 +42,9 @@ __all__ = [
     "quantize_mse_into",
 ]
 
-ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_ABI = 5
+_ABI = 6
 # An entry point refused buffers that do not cover its work (nf4cpu.h: NF4_EARGS).
 _EARGS = -2
 _lock = threading.RLock()  # re-entered by the self-check, which quantizes with the library off
@@ -215,8 +215,9 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """The instruction set the native kernels use now: ``"scalar"``, ``"avx2"``, ``"avx512"``
-    or ``"avx512bf16"`` (AVX-512 plus the bf16 dot-product GEMV for bf16 activations)."""
+    """The instruction set the native kernels use now: ``"scalar"``, ``"avx2"``, ``"avx512"``,
+    ``"avx512bf16"`` (AVX-512 plus the bf16 dot-product GEMV for bf16 activations) or
+    ``"amx"`` (those plus a bf16 GEMM on AMX tiles for bf16 activations, any batch)."""
     lib = _lib()
     return "none" if lib is None else ISAS[lib.nf4_get_isa()]
 

@@ -25,12 +25,12 @@
 /* the exported entry points (built with -fvisibility=hidden) and their ABI, which
  * native.py checks when it loads the library */
 #define NF4_API __attribute__((visibility("default")))
-#define NF4_ABI_VERSION 5
+#define NF4_ABI_VERSION 6
 
 enum { NF4_F32 = 0, NF4_BF16 = 1, NF4_F16 = 2 };
 /* or-ed into a decode's dtype: the output is large, write it past the caches */
 enum { NF4_STREAM = 256 };
-enum { NF4_ISA_SCALAR = 0, NF4_ISA_AVX2 = 1, NF4_ISA_AVX512 = 2, NF4_ISA_AVX512BF16 = 3 };
+enum { NF4_ISA_SCALAR = 0, NF4_ISA_AVX2 = 1, NF4_ISA_AVX512 = 2, NF4_ISA_AVX512BF16 = 3, NF4_ISA_AMX = 4 };
 
 /* Per-block scales: a float32 absmax per block, or (absmax == NULL) double-quantized. */
 typedef struct {
@@ -157,13 +157,31 @@ typedef struct {
      * (xs: m x k bf16) */
     int (*bf16_wants_split)(int64_t k, int64_t bs);
     void (*split_x_bf16)(const uint16_t *x, uint16_t *xs, int m, int64_t k);
+    /* NULL, or the bf16 GEMM that takes every row of x at once (in place of gemv_bf16 from
+     * NF4_GEMM_MIN_ROWS rows), x in the layout gemm_x gives it (gemm_x_elems(m, k)
+     * elements); returns 0, or -1 when out of memory. Needs k % 32 == 0 and bs >= 32. */
+    int (*gemm_bf16)(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                     const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
+    void (*gemm_x)(const uint16_t *x, uint16_t *xs, int m, int64_t k);
+    int64_t (*gemm_x_elems)(int m, int64_t k);
 } nf4_kernels;
+
+/* Rows of x from which the bf16 GEMM (where the table has one) replaces the bf16 GEMV: below,
+ * the GEMV is as fast (4096x4096 at 4 rows, 2-core Xeon: 1.2 ms either way). */
+#define NF4_GEMM_MIN_ROWS 5
+/* Rows of x per pass of the GEMM (a multiple of 16; gemm_x's layout of x then starts pass p
+ * at element p * NF4_GEMM_MAX_ROWS * k, as plain rows would). With more rows at once, x's
+ * column chunks (kept in L2) grow short and the sums' traffic dominates: 2-core Xeon,
+ * 4096x4096, 1024 rows in one pass 33 ms, in passes of 256 rows (the weight decoded four
+ * times) about 27 ms. */
+#define NF4_GEMM_MAX_ROWS 256
 
 extern const nf4_kernels nf4_scalar_kernels;
 #if NF4_X86
 extern const nf4_kernels nf4_avx2_kernels;
 extern const nf4_kernels nf4_avx512_kernels;
 extern const nf4_kernels nf4_avx512bf16_kernels;
+extern const nf4_kernels nf4_amx_kernels;
 void nf4_decode_avx512(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
                        int64_t i0, int64_t i1, void *out, int dtype);
 void nf4_decode_avx512bf16(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
@@ -174,6 +192,11 @@ int nf4_bf16_wants_split(int64_t k, int64_t bs);
 void nf4_split_x_bf16(const uint16_t *x, uint16_t *xs, int m, int64_t k);
 void nf4_gemv_bf16_avx512bf16(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                               const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
+/* nf4cpu_amx.c: the AMX bf16 GEMM and its layout of x */
+int64_t nf4_amx_vnni_elems(int m, int64_t k);
+void nf4_vnni_x_bf16(const uint16_t *x, uint16_t *xv, int m, int64_t k);
+int nf4_gemm_bf16_amx(const uint16_t *xv, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                      const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
 void nf4_quantize_avx2(const void *x, int dtype, int64_t b0, int64_t b1, int64_t bs, const float *thr15,
                        const uint8_t *storage16, uint8_t *packed, float *absmax, int *bad);
 #endif

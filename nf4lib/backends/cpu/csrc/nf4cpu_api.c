@@ -11,6 +11,8 @@
 
 #if NF4_X86
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 
@@ -140,6 +142,19 @@ static void parallel_for(nf4_task fn, void *ctx, int64_t ntasks, int nthreads) {
 /* ------------------------------------------------------------------ dispatch */
 
 #if NF4_X86
+/* AMX tiles are usable once the OS saves their state (XCR0 bits 17, 18) and, on Linux,
+ * once the process has asked for it (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; granted
+ * to the whole process, and asking again is harmless). Without the grant the first tile
+ * instruction would kill the process. */
+static int amx_permitted(uint64_t xcr0) {
+    if ((xcr0 & (3u << 17)) != (3u << 17)) return 0;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
+
 static int detect_isa(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return NF4_ISA_SCALAR;
@@ -153,9 +168,11 @@ static int detect_isa(void) {
     const int avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
     if (!(avx2 && fma && f16c)) return NF4_ISA_SCALAR;
     if (!(avx512f && (xcr0 & 0xE6) == 0xE6)) return NF4_ISA_AVX2;
+    /* leaf 7, sub-leaf 0, EDX bits 22 and 24: AMX-BF16 and AMX-TILE */
+    const int amx = ((d >> 22) & 1) && ((d >> 24) & 1);
     /* leaf 7, sub-leaf 1, EAX bit 5: AVX512_BF16 (vdpbf16ps) */
-    if (avx512bw && avx512vl && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1)) return NF4_ISA_AVX512BF16;
-    return NF4_ISA_AVX512;
+    if (!(avx512bw && avx512vl && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1))) return NF4_ISA_AVX512;
+    return amx && amx_permitted(xcr0) ? NF4_ISA_AMX : NF4_ISA_AVX512BF16;
 }
 #else
 static int detect_isa(void) { return NF4_ISA_SCALAR; }
@@ -166,6 +183,7 @@ static int best_isa = -1, cur_isa = -1;
 static const nf4_kernels *kernels(void) {
     if (cur_isa < 0) cur_isa = best_isa = detect_isa();
 #if NF4_X86
+    if (cur_isa == NF4_ISA_AMX) return &nf4_amx_kernels;
     if (cur_isa == NF4_ISA_AVX512BF16) return &nf4_avx512bf16_kernels;
     if (cur_isa == NF4_ISA_AVX512) return &nf4_avx512_kernels;
     if (cur_isa == NF4_ISA_AVX2) return &nf4_avx2_kernels;
@@ -253,11 +271,22 @@ typedef struct {
     const float *code16;
     int dtype;
     float *y;
+    int gemm;           /* xh is for kn->gemm_bf16 (every row of x at once) */
+    atomic_int failed;  /* a task's kernel ran out of memory */
 } gemv_job;
 
 static void gemv_task(void *p, int64_t t) {
-    const gemv_job *j = p;
+    gemv_job *j = p;
     int64_t r0 = t * j->rows_per_task, r1 = r0 + j->rows_per_task < j->n ? r0 + j->rows_per_task : j->n;
+    if (j->gemm) {  /* NF4_GEMM_MAX_ROWS rows of x at a time (each pass decodes the rows again) */
+        for (int m0 = 0; m0 < j->m; m0 += NF4_GEMM_MAX_ROWS) {
+            const int mm = j->m - m0 < NF4_GEMM_MAX_ROWS ? j->m - m0 : NF4_GEMM_MAX_ROWS;
+            if (j->kn->gemm_bf16(j->xh + (int64_t)m0 * j->k, mm, j->k, j->packed, j->sc, j->code16, j->bs, r0, r1,
+                                 j->y + (int64_t)m0 * j->n, j->n))
+                atomic_store(&j->failed, 1);
+        }
+        return;
+    }
     for (int m0 = 0; m0 < j->m; m0 += 8) {  /* at most 8 rows of x at a time */
         int mm = j->m - m0 < 8 ? j->m - m0 : 8;
         if (j->xh)
@@ -290,11 +319,18 @@ NF4_API int nf4_gemv(const void *x, int x_dtype, int64_t x_len, int64_t m, int64
     if (m == 0 || n == 0) return 0;
     const float *xf = x;
     const uint16_t *xh = NULL;
+    int gemm = 0;
     if (x_dtype == NF4_BF16) {
         if (kn->gemv_bf16 && dtype == NF4_BF16 && k % 32 == 0 && bs >= 32) {
             xh = x;
             xf = NULL;
-            if (kn->bf16_wants_split && kn->bf16_wants_split(k, bs)) {  /* the kernel table's own step */
+            if (kn->gemm_bf16 && m >= NF4_GEMM_MIN_ROWS) {
+                gemm = 1;
+                xs = malloc(sizeof(uint16_t) * (size_t)kn->gemm_x_elems((int)m, k));
+                if (!xs) return -1;
+                kn->gemm_x(x, xs, (int)m, k);
+                xh = xs;
+            } else if (kn->bf16_wants_split && kn->bf16_wants_split(k, bs)) {  /* the kernel table's own step */
                 xs = malloc(sizeof(uint16_t) * (size_t)(m * k));
                 if (!xs) return -1;
                 kn->split_x_bf16(x, xs, (int)m, k);
@@ -320,12 +356,14 @@ NF4_API int nf4_gemv(const void *x, int x_dtype, int64_t x_len, int64_t m, int64
     int64_t rows = GEMV_TASK_ELEMS / (k > 0 ? k : 1);
     rows = rows > per_thread ? per_thread : rows;
     rows = rows < 4 ? 4 : rows;
-    gemv_job j = {kn, xf, xh, (int)m, k, n, rows, bs, packed, sc, code16, dtype, y};
+    if (gemm) rows = (rows + 15) / 16 * 16;  /* the GEMM's runs of 16 rows */
+    gemv_job j = {kn, xf, xh, (int)m, k, n, rows, bs, packed, sc, code16, dtype, y, gemm, 0};
     /* waking a sleeping worker costs tens of microseconds: a weight of under GEMV_SERIAL
      * elements (a 512x512 layer) runs on the calling thread alone */
     parallel_for(gemv_task, &j, (n + rows - 1) / rows, n * k < GEMV_SERIAL ? 1 : nthreads);
     free(xp);
     free(xs);
+    if (atomic_load(&j.failed)) return -1;
     if (bias)
         for (int64_t mm = 0; mm < m; mm++)
             for (int64_t r = 0; r < n; r++) y[mm * n + r] += bias[r];

@@ -1,0 +1,163 @@
+/* nf4lib native CPU kernels: the bf16 GEMM on AMX tiles (AMX-TILE + AMX-BF16), for bf16
+ * activations with bf16-rounded weights, any number of rows of x.
+ *
+ * For each run of 16 output rows, a chunk of columns at a time, the weight is decoded as the
+ * bf16 decode writes it,
+ *
+ *     panel[i][c] = bf16(code[q(r + i, c)] * absmax[block])    (dequantize's value)
+ *
+ * into a per-thread buffer that stays in the core's cache, and `tdpbf16ps` multiplies
+ * 16 x 32 tiles of it by x, which the call has laid out once in the tile's pair order
+ * ("VNNI": tile row j holds, for 16 rows of x, the pair x[m][2j], x[m][2j + 1]):
+ *
+ *     C[i][m] += sum over c of panel[i][c] * x[m][c]            (float32 sums)
+ *
+ * Products of two bf16 values are exact in float32; the order of the float32 sums differs
+ * from the scalar path, and bf16 subnormals count as zero, as the instruction defines.
+ * One panel serves every row of x, so the decode is paid once per weight whatever the
+ * batch, and the multiply runs at the AMX unit's rate instead of one dot product per 32
+ * weights per row (the AVX512-BF16 GEMV, which re-reads the weight per 8 rows of x).
+ * Linux hands out AMX state only on request (arch_prctl, nf4cpu_api.c asks once);
+ * native.py checks this path against the scalar one when the library loads.
+ */
+#include "nf4cpu.h"
+
+#if NF4_X86
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define AMXK __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c,amx-tile,amx-bf16")))
+
+/* palette 1: tmm0-3 the float32 sums (16 x 16), tmm4 the weights (16 rows x 32 bf16),
+ * tmm5-7 x (16 pair rows x 16 rows of x) */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* The thread's scratch, kept between calls: a 16-row panel of a column chunk of the weight
+ * and the float32 sums of the rows in flight (at most 512 KiB with the sizes below). */
+static _Thread_local void *scratch_buf = NULL;
+static _Thread_local size_t scratch_cap = 0;
+
+static void *scratch_of(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (scratch_cap < bytes) {
+        free(scratch_buf);
+        scratch_buf = aligned_alloc(64, bytes);
+        scratch_cap = scratch_buf ? bytes : 0;
+    }
+    return scratch_buf;
+}
+
+/* Blocking. x is read in column chunks of about X_CHUNK_BYTES (all its rows), so that a
+ * chunk stays in the core's L2 cache while every run of 16 weight rows is multiplied by it;
+ * the float32 sums of the rows in flight (about SUMS_BYTES) stay there too. */
+#define X_CHUNK_BYTES (256 << 10)
+#define SUMS_BYTES (256 << 10)
+
+/* Elements of the VNNI copy of an m x k x: rows padded to a multiple of 16 (with zeros). */
+int64_t nf4_amx_vnni_elems(int m, int64_t k) { return ((int64_t)m + 15) / 16 * 16 * k; }
+
+/* x (m x k bf16, k % 32 == 0) into xv: per group of 16 rows g and 32 columns c, one 1 KiB
+ * tile, xv[((g * k / 32 + c) * 16 + j) * 16 + i] = the pair (x[16g + i][32c + 2j], ...+1),
+ * as 32-bit words (zero for rows past m) */
+void nf4_vnni_x_bf16(const uint16_t *x, uint16_t *xv, int m, int64_t k) {
+    const int64_t kt = k / 32, groups = ((int64_t)m + 15) / 16;
+    uint32_t *out = (uint32_t *)xv;
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t c = 0; c < kt; c++) {
+            uint32_t *tile = out + (g * kt + c) * 256;
+            for (int i = 0; i < 16; i++) {
+                const int64_t row = g * 16 + i;
+                if (row < m) {
+                    uint32_t pairs[16];
+                    memcpy(pairs, x + row * k + c * 32, sizeof pairs);
+                    for (int j = 0; j < 16; j++) tile[j * 16 + i] = pairs[j];
+                } else {
+                    for (int j = 0; j < 16; j++) tile[j * 16 + i] = 0;
+                }
+            }
+        }
+}
+
+#define STORE_SUMS(t, p) _tile_stored(t, p, 64)
+
+/* y[mm][r] for rows [r0, r1) of the weight, every row of x; xv from nf4_vnni_x_bf16.
+ * Returns 0, or -1 if the thread's scratch could not be allocated (nothing computed). */
+AMXK int nf4_gemm_bf16_amx(const uint16_t *xv, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                           const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    const int64_t kt = k / 32, groups = ((int64_t)m + 15) / 16;
+    /* k chunk: kc32 tiles of 32 columns */
+    int64_t kc32 = X_CHUNK_BYTES / (groups * 1024);
+    kc32 = kc32 < 1 ? 1 : (kc32 > kt ? kt : kc32);
+    /* rows in flight: sub runs of 16 rows whose sums fit SUMS_BYTES */
+    int64_t sub = SUMS_BYTES / (groups * 1024);
+    sub = sub < 1 ? 1 : sub;
+    const int64_t panel_elems = 16 * kc32 * 32, sums_elems = sub * groups * 256;
+    uint8_t *mem = scratch_of(sizeof(uint16_t) * (size_t)panel_elems + sizeof(float) * (size_t)sums_elems);
+    if (!mem) return -1;
+    uint16_t *panel = (uint16_t *)mem;
+    float *sums = (float *)(mem + ((sizeof(uint16_t) * (size_t)panel_elems + 63) / 64 * 64));
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+    for (int64_t s0 = r0; s0 < r1; s0 += 16 * sub) {
+        const int64_t s1 = s0 + 16 * sub < r1 ? s0 + 16 * sub : r1;
+        for (int64_t c0 = 0; c0 < kt; c0 += kc32) {
+            const int64_t nc = kt - c0 < kc32 ? kt - c0 : kc32;  /* 32-column tiles in this chunk */
+            const int64_t pstride = nc * 32 * (int64_t)sizeof(uint16_t);
+            for (int64_t rb = s0; rb < s1; rb += 16) {
+                const int nr = s1 - rb < 16 ? (int)(s1 - rb) : 16;
+                for (int i = 0; i < nr; i++)  /* panel[i][0 .. 32 nc) = W[rb + i][32 c0 ..] */
+                    nf4_decode_avx512bf16(packed, sc, code16, bs, (rb + i) * k + c0 * 32, (rb + i) * k + (c0 + nc) * 32,
+                                          panel + i * nc * 32, NF4_BF16);
+                if (nr < 16) memset(panel + nr * nc * 32, 0, (size_t)((16 - nr) * pstride));
+                float *acc = sums + (rb - s0) / 16 * groups * 256;  /* this run's sums, 1 KiB per group */
+                for (int64_t g0 = 0; g0 < groups; g0 += 4) {
+                    const int nb = groups - g0 < 4 ? (int)(groups - g0) : 4;
+                    float *a = acc + g0 * 256;
+                    if (c0 == 0) {
+                        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    } else {
+                        _tile_loadd(0, a, 64);
+                        if (nb > 1) _tile_loadd(1, a + 256, 64);
+                        if (nb > 2) _tile_loadd(2, a + 512, 64);
+                        if (nb > 3) _tile_loadd(3, a + 768, 64);
+                    }
+                    const uint16_t *xb = xv + (g0 * kt + c0) * 512;
+                    for (int64_t kc = 0; kc < nc; kc++) {
+                        _tile_loadd(4, panel + kc * 32, pstride);
+                        _tile_loadd(5, xb + kc * 512, 64);
+                        _tile_dpbf16ps(0, 4, 5);
+                        if (nb > 1) { _tile_loadd(6, xb + (kt + kc) * 512, 64); _tile_dpbf16ps(1, 4, 6); }
+                        if (nb > 2) { _tile_loadd(7, xb + (2 * kt + kc) * 512, 64); _tile_dpbf16ps(2, 4, 7); }
+                        if (nb > 3) { _tile_loadd(5, xb + (3 * kt + kc) * 512, 64); _tile_dpbf16ps(3, 4, 5); }
+                    }
+                    STORE_SUMS(0, a);
+                    if (nb > 1) STORE_SUMS(1, a + 256);
+                    if (nb > 2) STORE_SUMS(2, a + 512);
+                    if (nb > 3) STORE_SUMS(3, a + 768);
+                }
+            }
+        }
+        /* sums[run][g][i][mi] is y[16 g + mi][16 run + s0 + i] */
+        for (int64_t rb = s0; rb < s1; rb += 16) {
+            const int nr = s1 - rb < 16 ? (int)(s1 - rb) : 16;
+            const float *acc = sums + (rb - s0) / 16 * groups * 256;
+            for (int64_t row = 0; row < m; row++) {
+                const float *c = acc + row / 16 * 256 + row % 16;
+                for (int i = 0; i < nr; i++) y[row * ldy + rb + i] = c[i * 16];
+            }
+        }
+    }
+    _tile_release();
+    return 0;
+}
+#undef STORE_SUMS
+
+#endif
