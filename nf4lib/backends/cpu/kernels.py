@@ -43,10 +43,11 @@ GEMV_MAX_ROWS_NATIVE_HALF = 6
 # With the AMX kernels (``native.isa() == "amx"``), bf16 x with in_features % 32 == 0 and
 # blocksize >= 32 takes the native GEMM on AMX tiles (from 5 rows; the AVX512-BF16 GEMV
 # below), which decodes each weight into the core's cache instead of writing a tile out, up to
-# this many rows. 2-core Xeon, bf16, weights cold, medians in ms, AMX GEMM / tiles + oneDNN /
-# dense bf16: 4096x4096 at 8 rows 1.5 / 4.3 / 1.9, at 32 1.9 / 4.3 / 2.2, at 256 6.6 / 9.4 /
-# 6.2, at 512 16.9 / 20.6 / 12.3, at 1024 32.0 / 25.6 / 16.9; 2048x5504 at 1024 17.1 / 16.1 / 11.3.
-AMX_GEMM_MAX_ROWS = 512
+# this many rows (the range measured). 2-core Xeon, bf16, weights cold, medians in ms, AMX
+# GEMM / tiles + oneDNN / dense bf16: 4096x4096 at 8 rows 1.5 / 4.4 / 2.1, at 128 4.2 / 7.0 /
+# 4.6, at 256 7.2 / 9.6 / 6.1, at 1024 26.3 / 28.1 / 18.3, at 2048 64.6 / 72.4 / 34.5;
+# 11008x4096 at 256 15.7 / 20.7 / 15.2.
+AMX_GEMM_MAX_ROWS = 2048
 
 
 def gemv_max_rows(dtype: torch.dtype, in_f: int = 0, blocksize: int = 0) -> int:

@@ -29,8 +29,8 @@
 
 #define AMXK __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c,amx-tile,amx-bf16")))
 
-/* palette 1: tmm0-3 the float32 sums (16 x 16), tmm4 the weights (16 rows x 32 bf16),
- * tmm5-7 x (16 pair rows x 16 rows of x) */
+/* palette 1: tmm0-3 the float32 sums (16 x 16), tmm4-5 the weights (16 rows x 32 bf16),
+ * tmm6-7 x (16 pair rows x 16 rows of x) */
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -83,8 +83,6 @@ void nf4_vnni_x_bf16(const uint16_t *x, uint16_t *xv, int m, int64_t k) {
         }
 }
 
-#define STORE_SUMS(t, p) _tile_stored(t, p, 64)
-
 /* y[mm][r] for rows [r0, r1) of the weight, every row of x; xv from nf4_vnni_x_bf16.
  * Returns 0, or -1 if the thread's scratch could not be allocated (nothing computed). */
 AMXK int nf4_gemm_bf16_amx(const uint16_t *xv, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
@@ -93,11 +91,11 @@ AMXK int nf4_gemm_bf16_amx(const uint16_t *xv, int m, int64_t k, const uint8_t *
     /* k chunk: kc32 tiles of 32 columns */
     int64_t kc32 = X_CHUNK_BYTES / (groups * 1024);
     kc32 = kc32 < 1 ? 1 : (kc32 > kt ? kt : kc32);
-    /* rows in flight: sub runs of 16 rows whose sums fit SUMS_BYTES */
-    int64_t sub = SUMS_BYTES / (groups * 1024);
-    sub = sub < 1 ? 1 : sub;
-    const int64_t panel_elems = 16 * kc32 * 32, sums_elems = sub * groups * 256;
-    uint8_t *mem = scratch_of(sizeof(uint16_t) * (size_t)panel_elems + sizeof(float) * (size_t)sums_elems);
+    /* rows in flight: an even number of runs of 16 rows whose sums fit SUMS_BYTES */
+    int64_t sub = SUMS_BYTES / (groups * 1024) / 2 * 2;
+    sub = sub < 2 ? 2 : sub;
+    const int64_t panel_elems = 32 * kc32 * 32, sums_elems = sub * groups * 256;
+    uint8_t *mem = scratch_of(sizeof(uint16_t) * (size_t)panel_elems + 64 + sizeof(float) * (size_t)sums_elems);
     if (!mem) return -1;
     uint16_t *panel = (uint16_t *)mem;
     float *sums = (float *)(mem + ((sizeof(uint16_t) * (size_t)panel_elems + 63) / 64 * 64));
@@ -111,37 +109,43 @@ AMXK int nf4_gemm_bf16_amx(const uint16_t *xv, int m, int64_t k, const uint8_t *
         for (int64_t c0 = 0; c0 < kt; c0 += kc32) {
             const int64_t nc = kt - c0 < kc32 ? kt - c0 : kc32;  /* 32-column tiles in this chunk */
             const int64_t pstride = nc * 32 * (int64_t)sizeof(uint16_t);
-            for (int64_t rb = s0; rb < s1; rb += 16) {
-                const int nr = s1 - rb < 16 ? (int)(s1 - rb) : 16;
+            /* two runs of 16 rows at a time (tmm4, tmm5) against two groups of 16 rows of x
+             * (tmm6, tmm7): four sums tiles, each tile load serving two products */
+            for (int64_t rb = s0; rb < s1; rb += 32) {
+                const int nr = s1 - rb < 32 ? (int)(s1 - rb) : 32, has1 = nr > 16;
                 for (int i = 0; i < nr; i++)  /* panel[i][0 .. 32 nc) = W[rb + i][32 c0 ..] */
                     nf4_decode_avx512bf16(packed, sc, code16, bs, (rb + i) * k + c0 * 32, (rb + i) * k + (c0 + nc) * 32,
                                           panel + i * nc * 32, NF4_BF16);
-                if (nr < 16) memset(panel + nr * nc * 32, 0, (size_t)((16 - nr) * pstride));
-                float *acc = sums + (rb - s0) / 16 * groups * 256;  /* this run's sums, 1 KiB per group */
-                for (int64_t g0 = 0; g0 < groups; g0 += 4) {
-                    const int nb = groups - g0 < 4 ? (int)(groups - g0) : 4;
-                    float *a = acc + g0 * 256;
+                if (nr < 32) memset(panel + nr * nc * 32, 0, (size_t)((32 - nr) * pstride));
+                const uint16_t *panel1 = panel + 16 * nc * 32;
+                float *acc0 = sums + (rb - s0) / 16 * groups * 256, *acc1 = acc0 + groups * 256;
+                for (int64_t g = 0; g < groups; g += 2) {
+                    const int two = g + 1 < groups;
+                    float *a00 = acc0 + g * 256, *a01 = a00 + 256, *a10 = acc1 + g * 256, *a11 = a10 + 256;
                     if (c0 == 0) {
                         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                     } else {
-                        _tile_loadd(0, a, 64);
-                        if (nb > 1) _tile_loadd(1, a + 256, 64);
-                        if (nb > 2) _tile_loadd(2, a + 512, 64);
-                        if (nb > 3) _tile_loadd(3, a + 768, 64);
+                        _tile_loadd(0, a00, 64);
+                        if (two) _tile_loadd(1, a01, 64);
+                        if (has1) _tile_loadd(2, a10, 64);
+                        if (has1 && two) _tile_loadd(3, a11, 64);
                     }
-                    const uint16_t *xb = xv + (g0 * kt + c0) * 512;
+                    const uint16_t *xb0 = xv + (g * kt + c0) * 512, *xb1 = xb0 + kt * 512;
                     for (int64_t kc = 0; kc < nc; kc++) {
                         _tile_loadd(4, panel + kc * 32, pstride);
-                        _tile_loadd(5, xb + kc * 512, 64);
-                        _tile_dpbf16ps(0, 4, 5);
-                        if (nb > 1) { _tile_loadd(6, xb + (kt + kc) * 512, 64); _tile_dpbf16ps(1, 4, 6); }
-                        if (nb > 2) { _tile_loadd(7, xb + (2 * kt + kc) * 512, 64); _tile_dpbf16ps(2, 4, 7); }
-                        if (nb > 3) { _tile_loadd(5, xb + (3 * kt + kc) * 512, 64); _tile_dpbf16ps(3, 4, 5); }
+                        _tile_loadd(6, xb0 + kc * 512, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        if (has1) { _tile_loadd(5, panel1 + kc * 32, pstride); _tile_dpbf16ps(2, 5, 6); }
+                        if (two) {
+                            _tile_loadd(7, xb1 + kc * 512, 64);
+                            _tile_dpbf16ps(1, 4, 7);
+                            if (has1) _tile_dpbf16ps(3, 5, 7);
+                        }
                     }
-                    STORE_SUMS(0, a);
-                    if (nb > 1) STORE_SUMS(1, a + 256);
-                    if (nb > 2) STORE_SUMS(2, a + 512);
-                    if (nb > 3) STORE_SUMS(3, a + 768);
+                    _tile_stored(0, a00, 64);
+                    if (two) _tile_stored(1, a01, 64);
+                    if (has1) _tile_stored(2, a10, 64);
+                    if (has1 && two) _tile_stored(3, a11, 64);
                 }
             }
         }
@@ -158,6 +162,5 @@ AMXK int nf4_gemm_bf16_amx(const uint16_t *xv, int m, int64_t k, const uint8_t *
     _tile_release();
     return 0;
 }
-#undef STORE_SUMS
 
 #endif
