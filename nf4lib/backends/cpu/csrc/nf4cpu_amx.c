@@ -1,7 +1,7 @@
 /* nf4lib native CPU kernels: the bf16 GEMM on AMX tiles (AMX-TILE + AMX-BF16), for bf16
  * activations with bf16-rounded weights, any number of rows of x.
  *
- * For each run of 16 output rows, a chunk of columns at a time, the weight is decoded as the
+ * For each run of 32 output rows, a chunk of columns at a time, the weight is decoded as the
  * bf16 decode writes it,
  *
  *     panel[i][c] = bf16(code[q(r + i, c)] * absmax[block])    (dequantize's value)
