@@ -248,6 +248,21 @@ def test_results_do_not_depend_on_the_thread_count():
         assert torch.equal(w, results[0][1]) and torch.equal(y, results[0][2]) and torch.equal(y40, results[0][3])
 
 
+def test_calls_from_short_lived_threads_give_the_same_results():
+    # each thread keeps its own scratch for the AMX GEMM (freed when the thread ends)
+    import threading
+
+    q = nf4lib.quantize(torch.randn(96, 256))
+    x = torch.randn(9, 256, dtype=torch.bfloat16)
+    want = _native.gemv(x, q, torch.bfloat16, None)
+    got = []
+    for _ in range(4):
+        t = threading.Thread(target=lambda: got.append(_native.gemv(x, q, torch.bfloat16, None)))
+        t.start()
+        t.join()
+    assert len(got) == 4 and all(torch.equal(g, want) for g in got)
+
+
 def test_large_quantize_compiles_nothing(monkeypatch):
     """With the native kernel, even large tensors skip the inductor-compiled path."""
 

@@ -24,6 +24,7 @@
 
 #if NF4_X86
 #include <immintrin.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -37,19 +38,44 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* The thread's scratch, kept between calls: a 16-row panel of a column chunk of the weight
- * and the float32 sums of the rows in flight (at most 512 KiB with the sizes below). */
-static _Thread_local void *scratch_buf = NULL;
-static _Thread_local size_t scratch_cap = 0;
+/* The thread's scratch, kept between calls: a 32-row panel of a column chunk of the weight
+ * and the float32 sums of the rows in flight (at most ~768 KiB with the sizes below), freed
+ * when the thread exits (a thread-specific key with a destructor). */
+typedef struct {
+    size_t cap;
+    void *buf;
+} scratch;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok = 0;
+
+static void scratch_free(void *p) {
+    scratch *s = p;
+    free(s->buf);
+    free(s);
+}
+
+static void scratch_init(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0; }
 
 static void *scratch_of(size_t bytes) {
+    pthread_once(&scratch_once, scratch_init);
+    if (!scratch_key_ok) return NULL;
     bytes = (bytes + 63) / 64 * 64;
-    if (scratch_cap < bytes) {
-        free(scratch_buf);
-        scratch_buf = aligned_alloc(64, bytes);
-        scratch_cap = scratch_buf ? bytes : 0;
+    scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s || pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            return NULL;
+        }
     }
-    return scratch_buf;
+    if (s->cap < bytes) {
+        free(s->buf);
+        s->buf = aligned_alloc(64, bytes);
+        s->cap = s->buf ? bytes : 0;
+    }
+    return s->buf;
 }
 
 /* Blocking. x is read in column chunks of about X_CHUNK_BYTES (all its rows), so that a
