@@ -356,7 +356,7 @@ NF4_API int nf4_gemv(const void *x, int x_dtype, int64_t x_len, int64_t m, int64
     int64_t rows = GEMV_TASK_ELEMS / (k > 0 ? k : 1);
     rows = rows > per_thread ? per_thread : rows;
     rows = rows < 4 ? 4 : rows;
-    if (gemm) rows = (rows + 15) / 16 * 16;  /* the GEMM's runs of 16 rows */
+    if (gemm) rows = (rows + 31) / 32 * 32;  /* the GEMM's runs of 32 rows */
     gemv_job j = {kn, xf, xh, (int)m, k, n, rows, bs, packed, sc, code16, dtype, y, gemm, 0};
     /* waking a sleeping worker costs tens of microseconds: a weight of under GEMV_SERIAL
      * elements (a 512x512 layer) runs on the calling thread alone */
