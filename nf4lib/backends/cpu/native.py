@@ -191,7 +191,8 @@ def _self_check(lib) -> bool:
                     decode_into(part, q, 3, n - 5, lib=lib)  # unaligned ends
                     out += [whole, part]
                 ys = [gemv(x, q, d, None, lib=lib) for d in _CODES]
-                # the bf16-activation GEMV, at 3 rows and at 9 (a full pass of 8, then 1)
+                # the bf16-activation GEMV, at 3 rows and at 9 (a full pass of 8, then 1; on
+                # the AMX level the 9 rows take its GEMM)
                 ys += [gemv(x.bfloat16(), q, torch.bfloat16, None, lib=lib), gemv(x9, q, torch.bfloat16, None, lib=lib)]
                 results.append((out, ys))
             lib.nf4_set_isa(chosen)
