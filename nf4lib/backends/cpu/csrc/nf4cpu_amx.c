@@ -79,7 +79,7 @@ static void *scratch_of(size_t bytes) {
 }
 
 /* Blocking. x is read in column chunks of about X_CHUNK_BYTES (all its rows), so that a
- * chunk stays in the core's L2 cache while every run of 16 weight rows is multiplied by it;
+ * chunk stays in the core's L2 cache while every run of 32 weight rows is multiplied by it;
  * the float32 sums of the rows in flight (about SUMS_BYTES) stay there too. */
 #define X_CHUNK_BYTES (256 << 10)
 #define SUMS_BYTES (256 << 10)

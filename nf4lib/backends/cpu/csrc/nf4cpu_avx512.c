@@ -112,7 +112,7 @@ const nf4_kernels nf4_avx512bf16_kernels = {
     .quantize = nf4_quantize_avx2, .gemv_bf16 = nf4_gemv_bf16_avx512bf16,
     .bf16_wants_split = nf4_bf16_wants_split, .split_x_bf16 = nf4_split_x_bf16,
 };
-/* the same, plus nf4cpu_amx.c's bf16 GEMM on AMX tiles (every row of x in one pass) */
+/* the same, plus nf4cpu_amx.c's bf16 GEMM on AMX tiles (from NF4_GEMM_MIN_ROWS rows of x) */
 const nf4_kernels nf4_amx_kernels = {
     .decode = nf4_decode_avx512bf16, .gemv = gemv_avx512, .wants_permuted_x = natural_x, .permute_x = NULL,
     .quantize = nf4_quantize_avx2, .gemv_bf16 = nf4_gemv_bf16_avx512bf16,
