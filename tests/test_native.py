@@ -146,7 +146,9 @@ def test_gemv_equals_the_dense_formula(isa, dtype, shape, blocksize, double_quan
     q = _pure_quantize(torch.randn(shape, dtype=dtype), double_quant=double_quant, blocksize=blocksize)
     bias = torch.randn(shape[0], dtype=dtype)
     with _native.use_isa(isa):
-        for m in (1, 2, 3, 5, 8, 9, 16):
+        # the GEMV's passes of 8 rows; on the AMX level its GEMM from 2 rows, with one group
+        # of 16 rows of x, two (20) or more (33)
+        for m in (1, 2, 3, 5, 8, 9, 16, 20, 33):
             x = torch.randn(m, shape[1], dtype=dtype)
             got = _native.gemv(x, q, dtype, bias)
             want = _reference_linear(x, q, bias)
@@ -158,11 +160,14 @@ def test_gemv_equals_the_dense_formula(isa, dtype, shape, blocksize, double_quan
 
 @pytest.mark.parametrize("isa", ISAS)
 # rows of x past the AMX GEMM's 4 sums per pass (130), its column chunks (600: a partial last
-# chunk) and its runs of weight rows (600 rows of x, 200 weight rows: three runs, a 16-row tail)
-@pytest.mark.parametrize("m, n", [(5, 37), (130, 70), (600, 200)])
-def test_bf16_gemm_on_many_rows_equals_the_dense_formula(isa, m, n):
-    k = 2080  # 65 tiles of 32 columns
-    q = _pure_quantize(torch.randn(n, k, dtype=torch.bfloat16), blocksize=32, double_quant=True)
+# chunk) and its runs of weight rows (600 rows of x, 200 weight rows: three runs, a 16-row tail);
+# 5 and 30 rows take its few-rows loop (two groups of 16 rows of x at 30)
+@pytest.mark.parametrize("m, n", [(5, 37), (30, 45), (130, 70), (600, 200)])
+# blocksize 32: panels in element order (k = 2080, 65 tiles of 32 columns); 64: split panels
+# (k = 2112, 33 groups of 64 columns), as the GEMV's split x
+@pytest.mark.parametrize("blocksize, k", [(32, 2080), (64, 2112)])
+def test_bf16_gemm_on_many_rows_equals_the_dense_formula(isa, m, n, blocksize, k):
+    q = _pure_quantize(torch.randn(n, k, dtype=torch.bfloat16), blocksize=blocksize, double_quant=True)
     x = torch.randn(m, k, dtype=torch.bfloat16)
     bias = torch.randn(n, dtype=torch.bfloat16)
     with _native.use_isa(isa):
@@ -174,7 +179,7 @@ def test_bf16_gemm_on_many_rows_equals_the_dense_formula(isa, m, n):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("blocksize", [32, 64, 128])
-@pytest.mark.parametrize("rows", [3, 9])  # the bf16 GEMV; the AMX GEMM where the CPU has it
+@pytest.mark.parametrize("rows", [1, 3, 9, 33])  # the bf16 GEMV; the AMX GEMM where the CPU has it
 def test_bf16_gemv_with_extreme_scales(isa, blocksize, rows):
     # scales whose products are bf16 subnormals, zero, tiny and huge: the AVX512-BF16 GEMV
     # converts a block's (or two blocks') products with vcvt(ne2)ps2bf16 only where that

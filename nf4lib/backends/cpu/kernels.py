@@ -4,7 +4,7 @@ With the native library (``nf4lib.backends.cpu.native``):
 
 * batches up to :func:`gemv_max_rows` rows: the fused decode-dot GEMV; the weight is decoded
   in registers and never written out, products summed in float32 (with the AMX kernels, bf16
-  x from 5 rows: the GEMM on AMX tiles, the weight decoded into the core's cache);
+  x from 3 rows: the GEMM on AMX tiles, the weight decoded into the core's cache);
 * larger batches: decode a tile of rows at a time into one reused buffer (native,
   multithreaded) and multiply each tile as it is made, so the full-precision weight
   never exists at once and each tile is still in cache when the matmul reads it.
@@ -41,7 +41,7 @@ GEMV_MAX_ROWS = 16
 # tiles vs 2.4 GEMV, at 16 rows 2.0 vs 4.6; 2048x2048 at 8 rows 0.53 vs 0.59).
 GEMV_MAX_ROWS_NATIVE_HALF = 6
 # With the AMX kernels (``native.isa() == "amx"``), bf16 x with in_features % 32 == 0 and
-# blocksize >= 32 takes the native GEMM on AMX tiles (from 5 rows; the AVX512-BF16 GEMV
+# blocksize >= 32 takes the native GEMM on AMX tiles (from 3 rows; the AVX512-BF16 GEMV
 # below), which decodes each weight into the core's cache instead of writing a tile out, up to
 # this many rows (the range measured). 2-core Xeon, bf16, weights cold, medians in ms, AMX
 # GEMM / tiles + oneDNN / dense bf16: 4096x4096 at 8 rows 1.5 / 4.4 / 2.1, at 128 4.2 / 7.0 /

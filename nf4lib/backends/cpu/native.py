@@ -179,7 +179,7 @@ def _self_check(lib) -> bool:
         nested = DoubleQuantized(torch.randint(0, 256, (nb,), dtype=torch.uint8, generator=gen),
                                  torch.rand(-(-nb // 4), generator=gen), torch.tensor(0.25), torch.linspace(-1, 1, 256), 4)
         x = torch.randn(3, shape[1], generator=gen)
-        x9 = torch.randn(9, shape[1], generator=gen).bfloat16()
+        x33 = torch.randn(33, shape[1], generator=gen).bfloat16()
         for q in (plain, QuantizedTensor(packed, nested, code, shape, torch.float32, bs)):
             results = []
             for level in (chosen, 0):
@@ -191,9 +191,9 @@ def _self_check(lib) -> bool:
                     decode_into(part, q, 3, n - 5, lib=lib)  # unaligned ends
                     out += [whole, part]
                 ys = [gemv(x, q, d, None, lib=lib) for d in _CODES]
-                # the bf16-activation GEMV, at 3 rows and at 9 (a full pass of 8, then 1; on
-                # the AMX level the 9 rows take its GEMM)
-                ys += [gemv(x.bfloat16(), q, torch.bfloat16, None, lib=lib), gemv(x9, q, torch.bfloat16, None, lib=lib)]
+                # bf16 activations at 1, 3 and 33 rows: the GEMV (33: four passes of 8, then
+                # 1); on the AMX level 3 and 33 rows take its GEMM, in its two loop orders
+                ys += [gemv(r, q, torch.bfloat16, None, lib=lib) for r in (x[:1].bfloat16(), x.bfloat16(), x33)]
                 results.append((out, ys))
             lib.nf4_set_isa(chosen)
             (fast, y_fast), (slow, y_slow) = results

@@ -158,17 +158,20 @@ typedef struct {
     int (*bf16_wants_split)(int64_t k, int64_t bs);
     void (*split_x_bf16)(const uint16_t *x, uint16_t *xs, int m, int64_t k);
     /* NULL, or the bf16 GEMM that takes every row of x at once (in place of gemv_bf16 from
-     * NF4_GEMM_MIN_ROWS rows), x in the layout gemm_x gives it (gemm_x_elems(m, k)
-     * elements); returns 0, or -1 when out of memory. Needs k % 32 == 0 and bs >= 32. */
+     * NF4_GEMM_MIN_ROWS rows), x in the layout gemm_x gives it for the weight's blocksize
+     * (gemm_x_elems(m, k) elements); returns 0, or -1 when out of memory. Needs k % 32 == 0
+     * and bs >= 32. */
     int (*gemm_bf16)(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                      const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
-    void (*gemm_x)(const uint16_t *x, uint16_t *xs, int m, int64_t k);
+    void (*gemm_x)(const uint16_t *x, uint16_t *xs, int m, int64_t k, int64_t bs);
     int64_t (*gemm_x_elems)(int m, int64_t k);
 } nf4_kernels;
 
-/* Rows of x from which the bf16 GEMM (where the table has one) replaces the bf16 GEMV: below,
- * the GEMV is as fast (4096x4096 at 4 rows, 2-core Xeon: 1.2 ms either way). */
-#define NF4_GEMM_MIN_ROWS 5
+/* Rows of x from which the bf16 GEMM (where the table has one) replaces the bf16 GEMV, which
+ * makes each weight's products once per row of x where the GEMM decodes each weight once.
+ * 2-core Xeon, 4096x4096 bf16, GEMV -> GEMM: 2 rows 0.82-0.85 ms either way, 3 rows
+ * 1.02-1.09 -> 0.82-0.89, 4 rows 1.25-1.61 -> 0.86-0.92 (1 row: the GEMV, 0.63-0.70). */
+#define NF4_GEMM_MIN_ROWS 3
 /* Rows of x per pass of the GEMM (a multiple of 16; gemm_x's layout of x then starts pass p
  * at element p * NF4_GEMM_MAX_ROWS * k, as plain rows would). With more rows at once, x's
  * column chunks (kept in L2) grow short and the sums' traffic dominates: 2-core Xeon,
@@ -190,11 +193,15 @@ void nf4_decode_avx512bf16(const uint8_t *packed, const nf4_scales *sc, const fl
  * nf4_bf16_wants_split(k, bs); nf4_split_x_bf16 makes that layout */
 int nf4_bf16_wants_split(int64_t k, int64_t bs);
 void nf4_split_x_bf16(const uint16_t *x, uint16_t *xs, int m, int64_t k);
+/* rows [rb, rb + nr), columns [c0, c0 + nc) of the weight as bf16, each 64-column group split
+ * (its even columns, then its odd), for the AMX GEMM; prefetches `ahead` rows further on */
+void nf4_decode_split_rows(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs, int64_t k,
+                           int64_t rb, int nr, int64_t c0, int64_t nc, int64_t ahead, uint16_t *panel);
 void nf4_gemv_bf16_avx512bf16(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                               const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
 /* nf4cpu_amx.c: the AMX bf16 GEMM and its layout of x */
 int64_t nf4_amx_vnni_elems(int m, int64_t k);
-void nf4_vnni_x_bf16(const uint16_t *x, uint16_t *xv, int m, int64_t k);
+void nf4_vnni_x_bf16(const uint16_t *x, uint16_t *xv, int m, int64_t k, int64_t bs);
 int nf4_gemm_bf16_amx(const uint16_t *xv, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                       const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
 void nf4_quantize_avx2(const void *x, int dtype, int64_t b0, int64_t b1, int64_t bs, const float *thr15,

@@ -328,7 +328,7 @@ NF4_API int nf4_gemv(const void *x, int x_dtype, int64_t x_len, int64_t m, int64
                 gemm = 1;
                 xs = malloc(sizeof(uint16_t) * (size_t)kn->gemm_x_elems((int)m, k));
                 if (!xs) return -1;
-                kn->gemm_x(x, xs, (int)m, k);
+                kn->gemm_x(x, xs, (int)m, k, bs);
                 xh = xs;
             } else if (kn->bf16_wants_split && kn->bf16_wants_split(k, bs)) {  /* the kernel table's own step */
                 xs = malloc(sizeof(uint16_t) * (size_t)(m * k));

@@ -209,6 +209,50 @@ BF16K void nf4_split_x_bf16(const uint16_t *x, uint16_t *xs, int m, int64_t k) {
     }
 }
 
+/* Rows [rb, rb + nr) of the weight (k columns), columns [c0, c0 + nc), as bf16 into panel
+ * (row stride nc), each 64-column group in the split order gemv_split_m reads x in: its 32
+ * even columns, then its 32 odd ones (c0 and nc multiples of 64, bs >= 64). Per 64 weights
+ * one widening, one shift and two lookups (against two lookups per 64 for element order,
+ * with two shifts and an or more): the AMX GEMM's panels, with x laid out to match.
+ * Prefetches the same columns `ahead` rows further on (the caller's next panel). */
+BF16K void nf4_decode_split_rows(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs, int64_t k,
+                                 int64_t rb, int nr, int64_t c0, int64_t nc, int64_t ahead, uint16_t *panel) {
+    const int bsh = nf4_log2(bs);
+    const float *am = sc->absmax;
+    const __m512i low4 = _mm512_set1_epi16(15);
+    for (int ri = 0; ri < nr; ri++) {
+        uint16_t *o = panel + ri * nc;
+        const int64_t base = (rb + ri) * k + c0;
+        if (ahead) {
+            for (int64_t c = 0; c < nc; c += 128) _mm_prefetch((const char *)(packed + (base + ahead * k + c) / 2), _MM_HINT_T0);
+            if (am) _mm_prefetch((const char *)(am + ((base + ahead * k) >> bsh)), _MM_HINT_T0);
+        }
+        int64_t c = 0;
+        if (bs == 64) {  /* two blocks per step, their tables converted together (as gemv_split_m) */
+            for (; c + 128 <= nc; c += 128) {
+                const int64_t i = base + c, b0 = i >> 6;
+                __m512i ta, tb;
+                bf16_tables2(code16, am ? am[b0] : nf4_block_scale(sc, b0), am ? am[b0 + 1] : nf4_block_scale(sc, b0 + 1), &ta, &tb);
+                __m512i d = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(packed + i / 2)));
+                _mm512_storeu_si512(o + c, _mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), ta));
+                _mm512_storeu_si512(o + c + 32, _mm512_permutexvar_epi16(_mm512_and_si512(d, low4), ta));
+                d = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(packed + i / 2 + 32)));
+                _mm512_storeu_si512(o + c + 64, _mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), tb));
+                _mm512_storeu_si512(o + c + 96, _mm512_permutexvar_epi16(d, tb));
+            }
+        }
+        int64_t block = -1;
+        __m512i t = _mm512_setzero_si512();
+        for (; c < nc; c += 64) {  /* a 64-aligned group lies in one block (bs >= 64) */
+            const int64_t i = base + c;
+            if ((i >> bsh) != block) { block = i >> bsh; t = bf16_table(code16, am ? am[block] : nf4_block_scale(sc, block)); }
+            __m512i d = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(packed + i / 2)));
+            _mm512_storeu_si512(o + c, _mm512_permutexvar_epi16(_mm512_srli_epi16(d, 4), t));
+            _mm512_storeu_si512(o + c + 32, _mm512_permutexvar_epi16(d, t));
+        }
+    }
+}
+
 /* Elements [i0, i1) as bf16: 32 weights per table lookup, written in element order
  * (other output dtypes and blocksize 16: the AVX-512 decode). */
 BF16K void nf4_decode_avx512bf16(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,
