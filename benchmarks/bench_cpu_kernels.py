@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import nf4lib
 from nf4lib.backends.cpu import native as _native
+from nf4lib.backends.cpu.hugepages import empty_large
 from _util import header, interleaved_ms, torchao_nf4
 
 BYTES_PER_ELEM = 0.5 + 4 / 64 + 2  # packed codes + float32 absmax per 64 + the bf16 output
@@ -64,6 +65,8 @@ def dequantize_section(gbs):
     # faults (the OS zeroing 32 MiB) cost more than the decode on some machines
     buf = torch.empty(n, dtype=torch.bfloat16).zero_()
     fns["native, into a buffer"] = lambda: _native.decode_into(buf, q)
+    # the floor under any fresh output: allocate it as dequantize does and write it once
+    fns["fresh output, fill only"] = lambda: empty_large(n, torch.bfloat16, "cpu").fill_(0)
     bnb, bnb_f = bnb_functions()
     if bnb_f is not None:
         packed, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4")
@@ -75,10 +78,10 @@ def dequantize_section(gbs):
     ms = interleaved_ms(fns, rounds=15)
     limit = gbs * 1e9 / BYTES_PER_ELEM / 1e9
     print(f"\ndequantize 4096x4096 -> bf16 (memory-bound limit here: {gbs:.1f} GB/s / {BYTES_PER_ELEM:.2f} B/elem = {limit:.1f} Gelem/s)")
-    print(f"{'':<16}{'median ms':>10}{'Gelem/s':>9}{'of limit':>10}{'native is':>12}")
+    print(f"{'':<24}{'median ms':>10}{'Gelem/s':>9}{'of limit':>10}{'native is':>12}")
     for name, (_, med) in ms.items():
         rate = n / med / 1e6
-        print(f"{name:<16}{med:>10.2f}{rate:>9.2f}{rate / limit:>10.0%}{ms[name][1] / ms['nf4lib native'][1]:>11.1f}x")
+        print(f"{name:<24}{med:>10.2f}{rate:>9.2f}{rate / limit:>10.0%}{ms[name][1] / ms['nf4lib native'][1]:>11.1f}x")
     return ms, limit
 
 
@@ -198,8 +201,10 @@ def main():
     if "bitsandbytes" in deq:
         r = deq["bitsandbytes"][1] / deq["nf4lib native"][1]
         check(r >= 1, f"dequantize >= bitsandbytes: {r:.2f}x")
+    allowed_ms = 16.8e6 / (0.5 * limit * 1e9) * 1e3
     check(native >= 0.5 * limit, f"dequantize >= 50% of the memory-bound limit: {native / limit:.0%} "
-          f"(into a touched buffer: {16.8e6 / deq['native, into a buffer'][1] / 1e6 / limit:.0%})")
+          f"(into a touched buffer: {16.8e6 / deq['native, into a buffer'][1] / 1e6 / limit:.0%}; filling a fresh "
+          f"output alone takes {deq['fresh output, fill only'][1] / allowed_ms:.0%} of the time this target allows)")
     for name, res in (("4096x4096", lin), ("11008x4096", mlp)):
         d = res[1]["dense bf16"] / res[1]["native"]
         check(d >= 2, f"{name} batch 1 >= 2x faster than dense bf16 F.linear: {d:.2f}x")
