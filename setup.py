@@ -35,8 +35,8 @@ setup(
     ext_modules=[
         Extension(
             "nf4lib.backends.cpu._nf4cpu",
-            sources=[f"{_CSRC}/{name}.c" for name in ("nf4cpu_api", "nf4cpu_scalar", "nf4cpu_avx2", "nf4cpu_avx512",
-                                                       "nf4cpu_avx512bf16", "nf4cpu_amx", "nf4cpu_mse")],
+            sources=[f"{_CSRC}/{name}.c" for name in ("nf4cpu_api", "nf4cpu_linear", "nf4cpu_scalar", "nf4cpu_avx2",
+                                                       "nf4cpu_avx512", "nf4cpu_avx512bf16", "nf4cpu_amx", "nf4cpu_mse")],
             depends=[f"{_CSRC}/nf4cpu.h", f"{_CSRC}/nf4cpu_avx2.h"],
             extra_compile_args=_FLAGS,
             extra_link_args=["-pthread"],

@@ -205,6 +205,75 @@ def test_bf16_gemv_with_extreme_scales(isa, blocksize, rows):
     assert (((got - want).abs() <= bound) | ((got - want_flushed).abs() <= bound)).all()
 
 
+@pytest.mark.parametrize("isa", ISAS)
+# (out_features, in_features, blocksize): columns in whole and partial calls of 128 (320, 96),
+# a partial last panel of 512 weight rows (608), blocksize 32 / 64 / 128, double-quantized
+@pytest.mark.parametrize("shape, blocksize, double_quant", [((96, 320), 32, True), ((608, 160), 64, False),
+                                                            ((64, 96), 128, False), ((256, 512), 64, True)])
+def test_bf16_input_grad_equals_the_dense_formula(isa, shape, blocksize, double_quant):
+    # dL/dx = g @ W on the AMX tiles, float32 sums; None on the levels without that kernel
+    q = _pure_quantize(torch.randn(shape, dtype=torch.bfloat16), blocksize=blocksize, double_quant=double_quant)
+    w = _pure_dequantize(q, torch.bfloat16).float()
+    for m in (1, 7, 16, 17, 40):  # partial and odd groups of 16 rows of g
+        g = torch.randn(m, shape[0], dtype=torch.bfloat16)
+        with _native.use_isa(isa):
+            got = _native.input_grad_bf16(g, q)
+        if isa != "amx":
+            assert got is None
+            continue
+        want, scale = g.float() @ w, g.float().abs() @ w.abs()
+        assert got.shape == (m, shape[1]) and ((got - want).abs() <= 4 * shape[0] * 2**-24 * scale + 1e-30).all(), m
+
+
+@pytest.mark.parametrize("shape, blocksize", [((100, 64), 64), ((64, 80), 64), ((64, 64), 16)])
+def test_bf16_input_grad_declines_shapes_it_cannot_tile(shape, blocksize):
+    # out_features or in_features not a multiple of 32, blocksize 16: the caller's tiles instead
+    q = _pure_quantize(torch.randn(shape), blocksize=blocksize)
+    assert _native.input_grad_bf16(torch.randn(3, shape[0]).bfloat16(), q) is None
+
+
+def test_bf16_input_grad_with_extreme_scales():
+    # the pair tables' slow path: scales whose products are NaN, Inf, bf16 subnormals or zero
+    n, k = 64, 128
+    packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    absmax = torch.rand(n * k // 64, generator=torch.Generator().manual_seed(2))
+    absmax[:8] = torch.tensor([1e-39, 0.0, 2.0**-101, 1e30, 5e-41, 1.0, 2.0**-100, 3e-39])
+    absmax[10] = float("inf")
+    absmax[17] = float("nan")
+    q = nf4lib.QuantizedTensor(packed, absmax, nf4lib.nf4_levels(), (n, k), torch.bfloat16, 64)
+    g = torch.randn(5, n, generator=torch.Generator().manual_seed(3)).bfloat16()
+    g[:, 5] = 0  # row 5 holds the Inf block (10) and row 8 the NaN one (17): zero only one of them
+    got = _native.input_grad_bf16(g, q)
+    if got is None:
+        pytest.skip("no AMX backward on this CPU")
+    w = _pure_dequantize(q, torch.bfloat16).float()
+    want = g.float() @ w.nan_to_num(posinf=0.0, neginf=0.0)
+    # NaN weights (the NaN scale; code 0 times Inf) reach every row of g, and so do Inf ones
+    # (times g's zeros in row 5)
+    bad = ~w.isfinite().all(0)
+    assert bad.any() and got[:, bad].isnan().all()
+    rest = ~bad
+    # tdpbf16ps counts bf16 subnormal weights as zero (as the instruction defines)
+    tiny = w.abs() < torch.finfo(torch.bfloat16).tiny
+    flushed = g.float() @ w.masked_fill(tiny, 0).nan_to_num(posinf=0.0, neginf=0.0)
+    scale = g.float().abs() @ w.nan_to_num(posinf=0.0, neginf=0.0).abs()
+    bound = (4 * n * 2**-24 * scale + 1e-30)[:, rest]
+    diff, diff_flushed = (got - want)[:, rest].abs(), (got - flushed)[:, rest].abs()
+    assert ((diff <= bound) | (diff_flushed <= bound)).all()
+
+
+def test_cpu_backward_takes_the_amx_kernel_where_there_is_one():
+    # bf16 x through quantized_linear: x.grad is the AMX kernel's float32 sums, rounded once
+    q = nf4lib.quantize(torch.randn(96, 128, dtype=torch.bfloat16))
+    x = torch.randn(20, 128, dtype=torch.bfloat16, requires_grad=True)
+    upstream = torch.randn(20, 96, dtype=torch.bfloat16)
+    nf4lib.quantized_linear(x, q).backward(upstream)
+    direct = _native.input_grad_bf16(upstream, q)
+    if direct is None:
+        pytest.skip("no AMX backward on this CPU")
+    assert torch.equal(x.grad, direct.bfloat16())
+
+
 @pytest.mark.parametrize("batch", [1, 4, 7, 16, 17, 64])  # the GEMV, then tiles (from 7 or 17 rows by CPU)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quantized_linear_equals_the_pure_kernel(batch, dtype):

@@ -234,10 +234,11 @@ def linear(x, q, bias):
 
 @register_kernel("quantized_linear_grad", "cpu")
 def linear_grad(grad, q):
-    """``dL/dx = dL/dy @ W`` tile by tile: ``sum over row tiles of grad[:, rows] @ W[rows]``,
-    accumulated in float32. The tiles are multiplied in grad's dtype where the CPU has fast
-    instructions for it, else in float32: without them a bf16 matmul runs ~100x slower
-    (8x4096 @ 4096x4096 on a 2-core AVX2 EPYC: ~950 ms in bf16)."""
+    """``dL/dx = dL/dy @ W``: bf16 grad on the native AMX GEMM where the CPU has it and the
+    shape fits (``native.input_grad_bf16``); otherwise tile by tile, ``sum over row tiles of
+    grad[:, rows] @ W[rows]``, accumulated in float32. The tiles are multiplied in grad's dtype
+    where the CPU has fast instructions for it, else in float32: without them a bf16 matmul
+    runs ~100x slower (8x4096 @ 4096x4096 on a 2-core AVX2 EPYC: ~950 ms in bf16)."""
     out_f, in_f = q.shape
     n, bs = q.numel, q.blocksize
     if n == 0 or grad.numel() == 0:
@@ -245,6 +246,12 @@ def linear_grad(grad, q):
     native = grad.dtype in FLOAT_DTYPES and native_usable(q, grad)
     if not native and n % bs:  # a partial block straddles rows: use the reference
         return default.linear_grad(grad, q)
+    if native and grad.dtype == torch.bfloat16 and grad.numel() // out_f <= AMX_GEMM_MAX_ROWS:
+        # the AMX tiles where the CPU has them (None elsewhere): each weight decoded once into
+        # the core's cache, float32 sums over all of out_features
+        y = _native.input_grad_bf16(grad.reshape(-1, out_f), q)
+        if y is not None:
+            return y.to(grad.dtype).view(*grad.shape[:-1], in_f)
     dtype = grad.dtype if grad.dtype == torch.float32 or native_half_gemm(grad.dtype) else torch.float32
     g2 = grad.reshape(-1, out_f).to(dtype)
     acc = None

@@ -44,9 +44,10 @@ __all__ = [
 
 ISAS = ("scalar", "avx2", "avx512", "avx512bf16", "amx")
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_ABI = 6
-# An entry point refused buffers that do not cover its work (nf4cpu.h: NF4_EARGS).
-_EARGS = -2
+_ABI = 7
+# An entry point refused buffers that do not cover its work (nf4cpu.h: NF4_EARGS), or has no
+# kernel for the work on the instruction set in use (NF4_EUNAVAILABLE).
+_EARGS, _EUNAVAILABLE = -2, -3
 _lock = threading.RLock()  # re-entered by the self-check, which quantizes with the library off
 _state = {"lib": None, "tried": False, "off": 0, "openmp": False}
 
@@ -69,6 +70,7 @@ _SIGNATURES = {
     "nf4_set_openmp": ([_P], _INT),
     "nf4_decode": ([_P, _I64, ctypes.POINTER(_Scales), _P, _I64, _I64, _I64, _P, _I64, _INT, _INT], _INT),
     "nf4_gemv": ([_P, _INT, _I64, _I64, _I64, _I64, _P, _I64, ctypes.POINTER(_Scales), _P, _I64, _INT, _P, _I64, _P, _I64, _INT], _INT),
+    "nf4_gemm_t": ([_P, _I64, _I64, _I64, _I64, _P, _I64, ctypes.POINTER(_Scales), _P, _I64, _P, _I64, _INT], _INT),
     "nf4_quantize": ([_P, _INT, _I64, _I64, _P, _P, _P, _I64, _P, _I64, _INT], _INT),
     "nf4_quantize_mse": ([_P, _INT, _I64, _I64, _P, _I64, _P, _P, _P, _P, _INT, _INT, _P, _I64, _P, _I64, _INT], _INT),
 }
@@ -165,13 +167,16 @@ BLOCKSIZES = tuple(1 << p for p in range(4, 17))
 def _self_check(lib) -> bool:
     """The chosen SIMD path against the scalar one, on random codes and scales, at every
     blocksize the kernels accept (plain and double-quantized, whole and partial ranges,
-    three output dtypes, the GEMV in three rounding dtypes): ~20 ms, once per process."""
+    three output dtypes, the GEMV in three rounding dtypes, bf16 activations through the GEMV
+    and the GEMMs, and the backward's bf16 GEMM where the level has one): ~50 ms, once per
+    process."""
     gen = torch.Generator().manual_seed(0)
     code = torch.linspace(-1, 1, 16)
     chosen = lib.nf4_get_isa()
     for bs in BLOCKSIZES:
-        # rows of 192 (short sums, so a tight tolerance), 2.5 blocks or more (a partial last one)
-        shape = (max(24, -(-5 * bs // (2 * 192))), 192)
+        # rows of 192 (short sums, so a tight tolerance), 2.5 blocks or more (a partial last
+        # one), a multiple of 32 rows (the shape the backward's AMX GEMM takes)
+        shape = (-(-max(24, -(-5 * bs // (2 * 192))) // 32) * 32, 192)
         n = shape[0] * shape[1]
         nb = -(-n // bs)
         packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen)
@@ -180,6 +185,7 @@ def _self_check(lib) -> bool:
                                  torch.rand(-(-nb // 4), generator=gen), torch.tensor(0.25), torch.linspace(-1, 1, 256), 4)
         x = torch.randn(3, shape[1], generator=gen)
         x33 = torch.randn(33, shape[1], generator=gen).bfloat16()
+        g17 = torch.randn(17, shape[0], generator=gen).bfloat16()  # a partial group of 16 rows
         for q in (plain, QuantizedTensor(packed, nested, code, shape, torch.float32, bs)):
             results = []
             for level in (chosen, 0):
@@ -194,15 +200,20 @@ def _self_check(lib) -> bool:
                 # bf16 activations at 1, 3 and 33 rows: the GEMV (33: four passes of 8, then
                 # 1); on the AMX level 3 and 33 rows take its GEMM, in its two loop orders
                 ys += [gemv(r, q, torch.bfloat16, None, lib=lib) for r in (x[:1].bfloat16(), x.bfloat16(), x33)]
-                results.append((out, ys))
+                results.append((out, ys, input_grad_bf16(g17, q, lib=lib)))
             lib.nf4_set_isa(chosen)
-            (fast, y_fast), (slow, y_slow) = results
+            (fast, y_fast, grad_fast), (slow, y_slow, _) = results
             # compared as bytes in numpy: a large torch.equal would start torch's OpenMP pool at
             # load time, and a process that forks after that cannot use OpenMP in the child
             if not all(_bytes(a) == _bytes(b) for a, b in zip(fast, slow)):
                 return False
             if not all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(y_fast, y_slow)):
                 return False
+            if grad_fast is not None:  # against g @ W with the scalar decode's bf16 weights
+                w = slow[2].view(shape).float()
+                want, bound = g17.float() @ w, 4 * shape[0] * 2.0**-24 * (g17.float().abs() @ w.abs()) + 1e-30
+                if not bool(((grad_fast - want).abs() <= bound).all()):
+                    return False
     return True
 
 
@@ -344,6 +355,28 @@ def gemv(x: torch.Tensor, q, dtype: torch.dtype, bias: torch.Tensor | None, *, l
     ``dtype`` as ``dequantize(q).to(dtype)`` has it; returns float32 ``(m, out_features)``."""
     y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
     planned_gemv(GemvPlan(q), x, dtype, bias, y, lib=lib)
+    return y
+
+
+def input_grad_bf16(grad: torch.Tensor, q, *, lib=None) -> torch.Tensor | None:
+    """``dL/dx = grad @ W`` in float32 for bf16 ``grad`` ``(m, out_features)``, each weight
+    ``bf16(code * absmax)`` as ``dequantize(q).to(torch.bfloat16)`` has it, on the AMX tiles;
+    None where the instruction set in use has no such kernel or the shape does not fit it
+    (``out_features`` and ``in_features`` multiples of 32, blocksize >= 32)."""
+    out_f, in_f = q.shape
+    g = grad.contiguous()
+    y = torch.empty(g.shape[0], in_f, dtype=torch.float32)
+    scales, keep = _scales_struct(q)
+    packed, code = q.packed.contiguous(), _code16(q)
+    rc = (lib or _state["lib"]).nf4_gemm_t(
+        g.data_ptr(), g.numel(), g.shape[0], out_f, in_f, _ptr(packed), packed.numel(), ctypes.byref(scales), _ptr(code),
+        q.blocksize, y.data_ptr(), y.numel(), torch.get_num_threads(),
+    )
+    if rc == _EUNAVAILABLE:
+        return None
+    if rc != 0:
+        _refused(rc, "backward GEMM")
+        raise MemoryError("nf4lib: the native backward GEMM could not allocate its scratch buffer")
     return y
 
 

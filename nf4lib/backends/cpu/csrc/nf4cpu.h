@@ -25,7 +25,7 @@
 /* the exported entry points (built with -fvisibility=hidden) and their ABI, which
  * native.py checks when it loads the library */
 #define NF4_API __attribute__((visibility("default")))
-#define NF4_ABI_VERSION 6
+#define NF4_ABI_VERSION 7
 
 enum { NF4_F32 = 0, NF4_BF16 = 1, NF4_F16 = 2 };
 /* or-ed into a decode's dtype: the output is large, write it past the caches */
@@ -47,8 +47,9 @@ typedef struct {
     int64_t n_map;         /* entries of map (256) */
 } nf4_scales;
 
-/* An entry point's answer to buffers that do not cover its work (never read, never written). */
-enum { NF4_EARGS = -2 };
+/* An entry point's answer to buffers that do not cover its work (never read, never written),
+ * and to work the chosen instruction set has no kernel for (nothing written). */
+enum { NF4_EARGS = -2, NF4_EUNAVAILABLE = -3 };
 
 /* How far ahead (in packed bytes) the GEMVs prefetch the weight. A weight is read once per
  * call and is cold (a model's other layers have been through the caches since): the
@@ -165,6 +166,11 @@ typedef struct {
                      const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
     void (*gemm_x)(const uint16_t *x, uint16_t *xs, int m, int64_t k, int64_t bs);
     int64_t (*gemm_x_elems)(int m, int64_t k);
+    /* NULL, or the backward's y (m x k) = g (m x n, bf16; rows readable up to a multiple of
+     * 16) @ W for y's columns [c0, c0 + nc) (nc a multiple of 32, at most NF4_GEMM_T_COLS);
+     * needs n % 32 == 0, k % 32 == 0, bs >= 32; returns 0, or -1 when out of memory */
+    int (*gemm_t_bf16)(const uint16_t *g, int m, int64_t n, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                       const float *code16, int64_t bs, int64_t c0, int64_t nc, float *y);
 } nf4_kernels;
 
 /* Rows of x from which the bf16 GEMM (where the table has one) replaces the bf16 GEMV, which
@@ -178,6 +184,9 @@ typedef struct {
  * 4096x4096, 1024 rows in one pass 33 ms, in passes of 256 rows (the weight decoded four
  * times) about 27 ms. */
 #define NF4_GEMM_MAX_ROWS 256
+/* Columns of y per call of the backward's GEMM (gemm_t_bf16): 128 columns of a weight row are
+ * one 64-byte line of its codes */
+#define NF4_GEMM_T_COLS 128
 
 extern const nf4_kernels nf4_scalar_kernels;
 #if NF4_X86
@@ -197,9 +206,15 @@ void nf4_split_x_bf16(const uint16_t *x, uint16_t *xs, int m, int64_t k);
  * (its even columns, then its odd), for the AMX GEMM; prefetches `ahead` rows further on */
 void nf4_decode_split_rows(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs, int64_t k,
                            int64_t rb, int nr, int64_t c0, int64_t nc, int64_t ahead, uint16_t *panel);
+/* W rows [r0, r0 + 2 np), columns [c0, c0 + 32) as tile rows of bf16 row pairs, the even and
+ * the odd columns apart, for the AMX backward */
+void nf4_decode_pairs(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs, int64_t k,
+                      int64_t r0, int np, int64_t c0, uint16_t *even, uint16_t *odd);
 void nf4_gemv_bf16_avx512bf16(const uint16_t *x, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                               const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy);
-/* nf4cpu_amx.c: the AMX bf16 GEMM and its layout of x */
+/* nf4cpu_amx.c: the AMX bf16 GEMM and its layout of x, and the backward's GEMM */
+int nf4_gemm_t_bf16_amx(const uint16_t *g, int m, int64_t n, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                        const float *code16, int64_t bs, int64_t c0, int64_t nc, float *y);
 int64_t nf4_amx_vnni_elems(int m, int64_t k);
 void nf4_vnni_x_bf16(const uint16_t *x, uint16_t *xv, int m, int64_t k, int64_t bs);
 int nf4_gemm_bf16_amx(const uint16_t *xv, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
@@ -207,6 +222,12 @@ int nf4_gemm_bf16_amx(const uint16_t *xv, int m, int64_t k, const uint8_t *packe
 void nf4_quantize_avx2(const void *x, int dtype, int64_t b0, int64_t b1, int64_t bs, const float *thr15,
                        const uint8_t *storage16, uint8_t *packed, float *absmax, int *bad);
 #endif
+
+/* nf4cpu_api.c's runtime, for the other files' entry points: the kernel table of the
+ * instruction set in use, and tasks [0, ntasks) run on up to nthreads threads */
+int nf4_current_isa(void);
+const nf4_kernels *nf4_kernels_in_use(void);
+void nf4_parallel_for(void (*fn)(void *ctx, int64_t task), void *ctx, int64_t ntasks, int nthreads);
 
 /* scalar pieces the SIMD kernels use for heads, tails and odd shapes */
 void nf4_decode_scalar(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,

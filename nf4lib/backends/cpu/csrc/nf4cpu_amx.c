@@ -266,3 +266,75 @@ AMXK int nf4_gemm_bf16_amx(const uint16_t *xv, int m, int64_t k, const uint8_t *
 }
 
 #endif
+
+#if NF4_X86
+/* The backward's product, dL/dx = dL/dy @ W: y (m x k, float32) = g (m x n, bf16) @ W (n x k),
+ * each weight bf16(code * absmax) as dequantize gives it, for y's columns [c0, c0 + nc) (nc a
+ * multiple of 32, at most BT_COLS). g is the tiles' left factor as it is (16 rows of g by 32
+ * of its columns per tile); W comes as tiles of row pairs (nf4_decode_pairs), BT_ROWS rows at
+ * a time, each 32 columns' even and odd columns in two tiles, so that one load of each serves
+ * two groups of 16 rows of g:
+ *
+ *     C[i][c] += sum over p of (g[i][2p] W[2p][c] + g[i][2p + 1] W[2p + 1][c])   (float32)
+ *
+ * Each weight is decoded once, and BT_COLS = 128 columns use whole 64-byte lines of the codes;
+ * g is read once per BT_COLS columns of y. g has m rows rounded up to 16 (the caller pads
+ * with zeros); y gets m rows. Returns 0, or -1 if the thread's scratch could not be allocated. */
+#define BT_ROWS 512
+#define BT_COLS NF4_GEMM_T_COLS
+AMXK int nf4_gemm_t_bf16_amx(const uint16_t *g, int m, int64_t n, int64_t k, const uint8_t *packed, const nf4_scales *sc,
+                             const float *code16, int64_t bs, int64_t c0, int64_t nc, float *y) {
+    const int groups = (m + 15) / 16, nsub = (int)(nc / 32);
+    /* per 32 columns: BT_ROWS / 2 pair rows of 64 bytes, even then odd */
+    const size_t sub_elems = (size_t)BT_ROWS * 32, panel_bytes = sizeof(uint16_t) * sub_elems * (BT_COLS / 32);
+    uint8_t *mem = scratch_of(panel_bytes + (size_t)groups * nsub * 2 * 1024);
+    if (!mem) return -1;
+    uint16_t *panel = (uint16_t *)mem;
+    float *sums = (float *)(mem + panel_bytes);  /* [group][32 columns][even, odd][16][16] */
+    tiles_config();
+    for (int64_t r0 = 0; r0 < n; r0 += BT_ROWS) {
+        const int64_t nr = n - r0 < BT_ROWS ? n - r0 : BT_ROWS;  /* a multiple of 32 */
+        for (int sb = 0; sb < nsub; sb++)
+            nf4_decode_pairs(packed, sc, code16, bs, k, r0, (int)(nr / 2), c0 + 32 * sb, panel + sb * sub_elems,
+                             panel + sb * sub_elems + sub_elems / 2);
+        for (int sb = 0; sb < nsub; sb++) {
+            const uint16_t *even = panel + sb * sub_elems, *odd = even + sub_elems / 2;
+            for (int gi = 0; gi < groups; gi += 2) {
+                const int two = gi + 1 < groups;
+                float *s0 = sums + ((int64_t)gi * nsub + sb) * 512, *s1 = s0 + nsub * 512;
+                if (r0 == 0) {
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                } else {
+                    _tile_loadd(0, s0, 64); _tile_loadd(1, s0 + 256, 64);
+                    if (two) { _tile_loadd(2, s1, 64); _tile_loadd(3, s1 + 256, 64); }
+                }
+                const uint16_t *a0 = g + (int64_t)gi * 16 * n + r0, *a1 = a0 + 16 * n;
+                for (int64_t s = 0; s < nr / 32; s++) {
+                    _tile_loadd(4, a0 + 32 * s, n * 2);
+                    _tile_loadd(6, even + s * 512, 64);
+                    _tile_loadd(7, odd + s * 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    if (two) {
+                        _tile_loadd(5, a1 + 32 * s, n * 2);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                _tile_stored(0, s0, 64); _tile_stored(1, s0 + 256, 64);
+                if (two) { _tile_stored(2, s1, 64); _tile_stored(3, s1 + 256, 64); }
+            }
+        }
+    }
+    _tile_release();
+    /* sums[group][sb][eo][i][j] is y[16 group + i][c0 + 32 sb + 2j + eo] */
+    for (int gi = 0; gi < groups; gi++)
+        for (int sb = 0; sb < nsub; sb++)
+            for (int i = 0; i < 16 && gi * 16 + i < m; i++) {
+                float *yr = y + (int64_t)(gi * 16 + i) * k + c0 + 32 * sb;
+                const float *e = sums + ((int64_t)gi * nsub + sb) * 512 + i * 16, *o = e + 256;
+                for (int j = 0; j < 16; j++) yr[2 * j] = e[j], yr[2 * j + 1] = o[j];
+            }
+    return 0;
+}
+#endif

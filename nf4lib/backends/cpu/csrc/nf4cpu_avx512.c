@@ -118,6 +118,7 @@ const nf4_kernels nf4_amx_kernels = {
     .quantize = nf4_quantize_avx2, .gemv_bf16 = nf4_gemv_bf16_avx512bf16,
     .bf16_wants_split = nf4_bf16_wants_split, .split_x_bf16 = nf4_split_x_bf16,
     .gemm_bf16 = nf4_gemm_bf16_amx, .gemm_x = nf4_vnni_x_bf16, .gemm_x_elems = nf4_amx_vnni_elems,
+    .gemm_t_bf16 = nf4_gemm_t_bf16_amx,
 };
 
 #endif

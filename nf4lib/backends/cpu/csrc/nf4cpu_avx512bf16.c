@@ -253,6 +253,39 @@ BF16K void nf4_decode_split_rows(const uint8_t *packed, const nf4_scales *sc, co
     }
 }
 
+/* The AMX backward's weight tiles: W rows [r0, r0 + 2 np) (k columns), columns [c0, c0 + 32)
+ * (c0 % 32 == 0, bs >= 32, so each row's 32 columns lie in one block), as tile rows of bf16
+ * pairs: even[p][j] = (W[r0 + 2p][c0 + 2j], W[r0 + 2p + 1][c0 + 2j]) and odd[p][j] the same for
+ * column c0 + 2j + 1 (16 pairs, 64 bytes, per row p). The two rows' bytes, interleaved and
+ * widened to words, index a table holding the first row's block in words 0-15 and the
+ * second's in words 16-31 (bit 4 of each index picks the row). */
+BF16K void nf4_decode_pairs(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs, int64_t k,
+                            int64_t r0, int np, int64_t c0, uint16_t *even, uint16_t *odd) {
+    const int bsh = nf4_log2(bs);
+    const float *am = sc->absmax;
+    const __m512i row1 = _mm512_set1_epi32(16 << 16), low4 = _mm512_set1_epi16(15);
+    for (int p = 0; p < np; p++) {
+        const int64_t i0 = (r0 + 2 * p) * k + c0, i1 = i0 + k;
+        const float a = am ? am[i0 >> bsh] : nf4_block_scale(sc, i0 >> bsh);
+        const float b = am ? am[i1 >> bsh] : nf4_block_scale(sc, i1 >> bsh);
+        __m512i t;
+        if (__builtin_expect(bf16_fast_scale(a) && bf16_fast_scale(b), 1)) {
+            const __m512 c = _mm512_loadu_ps(code16);
+            t = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(c, _mm512_set1_ps(b)), _mm512_mul_ps(c, _mm512_set1_ps(a)));
+        } else {
+            t = _mm512_mask_blend_epi16(0xFFFF0000u, bf16_table(code16, a), bf16_table(code16, b));
+        }
+        const __m128i x0 = _mm_loadu_si128((const __m128i *)(packed + i0 / 2));
+        const __m128i x1 = _mm_loadu_si128((const __m128i *)(packed + i1 / 2));
+        /* word 2j: row 0's byte j, word 2j + 1: row 1's byte j */
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(x0, x1), _mm_unpacklo_epi8(x0, x1)));
+        const __m512i ie = _mm512_or_si512(_mm512_srli_epi16(w, 4), row1);   /* high nibbles: even columns */
+        const __m512i io = _mm512_ternarylogic_epi32(w, low4, row1, 0xEA);  /* (w & 15) | row1 */
+        _mm512_storeu_si512(even + 32 * p, _mm512_permutexvar_epi16(ie, t));
+        _mm512_storeu_si512(odd + 32 * p, _mm512_permutexvar_epi16(io, t));
+    }
+}
+
 /* Elements [i0, i1) as bf16: 32 weights per table lookup, written in element order
  * (other output dtypes and blocksize 16: the AVX-512 decode). */
 BF16K void nf4_decode_avx512bf16(const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs,

@@ -228,9 +228,6 @@ static void mse_task(void *p, int64_t t) {
     free(lv);
 }
 
-void nf4_parallel_for(void (*fn)(void *, int64_t), void *ctx, int64_t ntasks, int nthreads);
-int nf4_current_isa(void);
-
 /* Quantize n values (float32/bf16/fp16) with searched block scales into packed
  * ((n + 1) / 2 bytes) and scales (ceil(n / bs) floats, stored where absmax goes).
  * w: NULL or float32 importance weights, element i's weight w[i % wperiod].
