@@ -33,6 +33,7 @@ import pathlib
 import threading
 import warnings
 
+import numpy
 import torch
 
 from ...core.records import DoubleQuantized, QuantizedTensor
@@ -210,9 +211,11 @@ def _self_check(lib) -> bool:
             if not all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(y_fast, y_slow)):
                 return False
             if grad_fast is not None:  # against g @ W with the scalar decode's bf16 weights
-                w = slow[2].view(shape).float()
-                want, bound = g17.float() @ w, 4 * shape[0] * 2.0**-24 * (g17.float().abs() @ w.abs()) + 1e-30
-                if not bool(((grad_fast - want).abs() <= bound).all()):
+                # (numpy's own loops: a torch matmul could start torch's OpenMP pool, numpy's
+                # matmul its BLAS threads)
+                w, g = slow[2].view(shape).float().numpy().astype("float64"), g17.float().numpy().astype("float64")
+                bound = 4 * shape[0] * 2.0**-24 * numpy.einsum("ik,kj->ij", abs(g), abs(w)) + 1e-30
+                if not (abs(grad_fast.numpy() - numpy.einsum("ik,kj->ij", g, w)) <= bound).all():
                     return False
     return True
 
