@@ -88,17 +88,15 @@ static void *scratch_of(size_t bytes) {
 /* Elements of the VNNI copy of an m x k x: rows padded to a multiple of 16 (with zeros). */
 int64_t nf4_amx_vnni_elems(int m, int64_t k) { return ((int64_t)m + 15) / 16 * 16 * k; }
 
-/* 1 when the panels are decoded split (nf4_decode_split_rows) and x is laid out to match */
-static int amx_split(int64_t k, int64_t bs) { return k % 64 == 0 && bs >= 64; }
-
 /* x (m x k bf16, k % 32 == 0) into xv: per group of 16 rows g and 32 columns c, one 1 KiB
  * tile, xv[((g * k / 32 + c) * 16 + j) * 16 + i] = the pair of row 16g + i at the panel's
  * columns 32c + 2j and 32c + 2j + 1, as 32-bit words (zero for rows past m). In element
- * order that is (x[32c + 2j], x[32c + 2j + 1]); where the panels are split (amx_split),
- * column 32c + q of the panel is element 64(c / 2) + 2q + (c % 2) of x. */
+ * order that is (x[32c + 2j], x[32c + 2j + 1]). Where the GEMV takes x split
+ * (nf4_bf16_wants_split), the panels are split too (nf4_decode_split_rows), and column
+ * 32c + q of the panel is element 64(c / 2) + 2q + (c % 2) of x. */
 void nf4_vnni_x_bf16(const uint16_t *x, uint16_t *xv, int m, int64_t k, int64_t bs) {
     const int64_t kt = k / 32, groups = ((int64_t)m + 15) / 16;
-    const int split = amx_split(k, bs);
+    const int split = nf4_bf16_wants_split(k, bs);
     uint32_t *out = (uint32_t *)xv;
     for (int64_t g = 0; g < groups; g++)
         for (int64_t c = 0; c < kt; c++) {
@@ -120,7 +118,7 @@ void nf4_vnni_x_bf16(const uint16_t *x, uint16_t *xv, int m, int64_t k, int64_t 
 }
 
 /* panel[i][0 .. nc) = weight row rb + i, columns [c0, c0 + nc), for i < nr; zeros for the
- * rows up to 32. Split or in element order, as amx_split says. */
+ * rows up to 32. Split or in element order, as nf4_bf16_wants_split says. */
 static void fill_panel(int split, const uint8_t *packed, const nf4_scales *sc, const float *code16, int64_t bs, int64_t k,
                        int64_t rb, int nr, int64_t c0, int64_t nc, int64_t ahead, uint16_t *panel) {
     if (split) {
@@ -152,7 +150,7 @@ static AMXK void tiles_config(void) {
 static AMXK int gemm_few(const uint16_t *xv, int m, int64_t k, const uint8_t *packed, const nf4_scales *sc,
                          const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy) {
     const int64_t kt = k / 32;
-    const int two = m > 16, split = amx_split(k, bs);
+    const int two = m > 16, split = nf4_bf16_wants_split(k, bs);
     uint8_t *mem = scratch_of(sizeof(uint16_t) * 32 * FEW_CH + sizeof(float) * 4 * 256);
     if (!mem) return -1;
     uint16_t *panel = (uint16_t *)mem;
@@ -195,7 +193,7 @@ AMXK int nf4_gemm_bf16_amx(const uint16_t *xv, int m, int64_t k, const uint8_t *
                            const float *code16, int64_t bs, int64_t r0, int64_t r1, float *y, int64_t ldy) {
     if (m <= 32) return gemm_few(xv, m, k, packed, sc, code16, bs, r0, r1, y, ldy);
     const int64_t kt = k / 32, groups = ((int64_t)m + 15) / 16;
-    const int split = amx_split(k, bs);
+    const int split = nf4_bf16_wants_split(k, bs);
     /* k chunk: kc32 tiles of 32 columns (an even number when split: whole 64-column groups) */
     int64_t kc32 = X_CHUNK_BYTES / (groups * 1024);
     kc32 = kc32 < 1 ? 1 : (kc32 > kt ? kt : kc32);

@@ -107,20 +107,22 @@ BF16K_INLINE void gemv_m(const int M, const uint16_t *x, int64_t k, const uint8_
 /* 1 when `vcvtne2ps2bf16` rounds a block's products as nf4_to_bf16 does (see bf16_table) */
 static inline int bf16_fast_scale(float a) { return nf4_bits(a) - 0x0D800000u <= 0x7F7FFFFFu - 0x0D800000u; }
 
-/* The tables of two consecutive blocks with scales a and b, converted together (one
- * `vcvtne2ps2bf16` for 32 products, against two conversions and two broadcasts):
- * *ta = [a's 16 words | b's 16 words], looked up with indices below 16 only; *tb = b's words
- * in both halves, as bf16_table gives them. */
-BF16K_INLINE void bf16_tables2(const float *code16, float a, float b, __m512i *ta, __m512i *tb) {
+/* Two blocks' tables in one register, [a's 16 words | b's 16 words], converted together (one
+ * `vcvtne2ps2bf16` for 32 products, against two conversions and two broadcasts); an index's
+ * bit 4 picks the block. */
+BF16K_INLINE __m512i bf16_table_pair(const float *code16, float a, float b) {
     if (__builtin_expect(bf16_fast_scale(a) && bf16_fast_scale(b), 1)) {
         const __m512 c = _mm512_loadu_ps(code16);
-        __m512i t = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(c, _mm512_set1_ps(b)), _mm512_mul_ps(c, _mm512_set1_ps(a)));
-        *ta = t;
-        *tb = _mm512_shuffle_i64x2(t, t, 0xEE);
-    } else {
-        *ta = bf16_table(code16, a);
-        *tb = bf16_table(code16, b);
+        return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(c, _mm512_set1_ps(b)), _mm512_mul_ps(c, _mm512_set1_ps(a)));
     }
+    return _mm512_mask_blend_epi16(0xFFFF0000u, bf16_table(code16, a), bf16_table(code16, b));
+}
+
+/* The tables of two consecutive blocks with scales a and b: *ta = bf16_table_pair (looked up
+ * with indices below 16 only); *tb = b's words in both halves, as bf16_table gives them. */
+BF16K_INLINE void bf16_tables2(const float *code16, float a, float b, __m512i *ta, __m512i *tb) {
+    *ta = bf16_table_pair(code16, a, b);
+    *tb = _mm512_shuffle_i64x2(*ta, *ta, 0xEE);
 }
 
 /* the dot products of one 64-element group (x's columns from c) with the weights `we`, `wo` */
@@ -266,15 +268,8 @@ BF16K void nf4_decode_pairs(const uint8_t *packed, const nf4_scales *sc, const f
     const __m512i row1 = _mm512_set1_epi32(16 << 16), low4 = _mm512_set1_epi16(15);
     for (int p = 0; p < np; p++) {
         const int64_t i0 = (r0 + 2 * p) * k + c0, i1 = i0 + k;
-        const float a = am ? am[i0 >> bsh] : nf4_block_scale(sc, i0 >> bsh);
-        const float b = am ? am[i1 >> bsh] : nf4_block_scale(sc, i1 >> bsh);
-        __m512i t;
-        if (__builtin_expect(bf16_fast_scale(a) && bf16_fast_scale(b), 1)) {
-            const __m512 c = _mm512_loadu_ps(code16);
-            t = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(c, _mm512_set1_ps(b)), _mm512_mul_ps(c, _mm512_set1_ps(a)));
-        } else {
-            t = _mm512_mask_blend_epi16(0xFFFF0000u, bf16_table(code16, a), bf16_table(code16, b));
-        }
+        const __m512i t = bf16_table_pair(code16, am ? am[i0 >> bsh] : nf4_block_scale(sc, i0 >> bsh),
+                                          am ? am[i1 >> bsh] : nf4_block_scale(sc, i1 >> bsh));
         const __m128i x0 = _mm_loadu_si128((const __m128i *)(packed + i0 / 2));
         const __m128i x1 = _mm_loadu_si128((const __m128i *)(packed + i1 / 2));
         /* word 2j: row 0's byte j, word 2j + 1: row 1's byte j */
